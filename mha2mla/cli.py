@@ -1,0 +1,39 @@
+"""The ``mha2mla`` command line. It only parses arguments and calls the Python API."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from mha2mla.errors import Mha2mlaError
+
+
+def user_errors(fn):
+    """Turn a :class:`Mha2mlaError` (and Ctrl-C) into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Mha2mlaError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no output was written", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; use a machine with more RAM or a smaller --shard-size", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mha2mla")
+def main() -> None:
+    """Convert MHA/GQA checkpoints into native DeepSeek-V3 MLA checkpoints, heal and evaluate them."""
+
+
+# --- subcommands are registered below, one import each -------------------------------------------

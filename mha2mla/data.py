@@ -1,0 +1,148 @@
+"""Text data for calibration, healing and perplexity: plain text, JSONL, or a Hugging Face dataset.
+
+A data spec is one of
+  * a ``.txt`` (or any non-JSONL) file: read whole, as one document;
+  * a ``.jsonl`` / ``.json`` file with one JSON object per line, text in ``text_field``;
+  * a directory: every ``*.txt`` / ``*.jsonl`` file in it, sorted by name;
+  * ``hf:NAME[:CONFIG][@SPLIT]`` or a bare dataset id that is not a local path: loaded with
+    ``datasets.load_dataset`` (needs the network or a populated HF cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+
+from mha2mla.errors import Mha2mlaError
+
+__all__ = ["load_texts", "pack_tokens", "token_blocks"]
+
+
+def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise Mha2mlaError(f"{path}:{lineno}: not valid JSON ({e.msg}); JSONL needs one object per line") from None
+            if not isinstance(row, dict) or text_field not in row:
+                raise Mha2mlaError(f"{path}:{lineno}: no {text_field!r} field; pass --text-field to name the text column")
+            yield str(row[text_field])
+
+
+def _read_file(path: str, text_field: str) -> list[str]:
+    try:
+        if path.endswith((".jsonl", ".json")):
+            return list(_read_jsonl(path, text_field))
+        with open(path, encoding="utf-8") as f:
+            return [f.read()]
+    except UnicodeDecodeError:
+        raise Mha2mlaError(f"{path}: not UTF-8 text; give a .txt or .jsonl file") from None
+    except OSError as e:
+        raise Mha2mlaError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _load_hf_dataset(spec: str, text_field: str, split: str, max_docs: int | None) -> list[str]:
+    name = spec[3:] if spec.startswith("hf:") else spec
+    if "@" in name:
+        name, split = name.rsplit("@", 1)
+    config = None
+    if ":" in name:
+        name, config = name.split(":", 1)
+    try:
+        import datasets  # optional: only for hub datasets
+    except ImportError:
+        raise Mha2mlaError(f"data {spec!r} is not a local file; loading hub datasets needs `pip install datasets`") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        texts = []
+        for row in ds:
+            if text_field not in row:
+                raise Mha2mlaError(f"dataset {name!r} has no {text_field!r} column (has {sorted(row)}); pass --text-field")
+            texts.append(str(row[text_field]))
+            if max_docs is not None and len(texts) >= max_docs:
+                break
+        return texts
+    except Mha2mlaError:
+        raise
+    except Exception as e:  # network, unknown dataset, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Mha2mlaError(f"data {spec!r}: not a local file and could not be loaded as a dataset ({first[:200]})") from None
+
+
+def load_texts(spec: str, *, text_field: str = "text", split: str = "train", max_docs: int | None = None) -> list[str]:
+    """Load documents from a data spec (see module docstring).
+
+    Args:
+        spec: path to a text/JSONL file or directory, or a dataset name.
+        text_field: JSON key / dataset column holding the text.
+        split: dataset split when ``spec`` names a hub dataset.
+        max_docs: stop after this many documents (hub datasets are streamed).
+
+    Returns:
+        The non-empty documents, in a deterministic order.
+
+    Raises:
+        Mha2mlaError: unreadable, empty, or malformed data.
+    """
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        files = sorted(os.path.join(spec, n) for n in os.listdir(spec) if n.endswith((".txt", ".jsonl", ".json")))
+        if not files:
+            raise Mha2mlaError(f"{spec}: directory holds no .txt or .jsonl files")
+        texts = [t for p in files for t in _read_file(p, text_field)]
+    elif os.path.exists(spec):
+        texts = _read_file(spec, text_field)
+    elif spec.startswith("hf:") or ("/" in spec and not spec.startswith((".", "/")) and not os.path.splitext(spec)[1]):
+        texts = _load_hf_dataset(spec, text_field, split, max_docs)
+    else:
+        raise Mha2mlaError(f"data {spec!r} does not exist; give a .txt/.jsonl file, a directory, or hf:DATASET")
+    texts = [t for t in texts if t.strip()]
+    if max_docs is not None:
+        texts = texts[:max_docs]
+    if not texts:
+        raise Mha2mlaError(f"data {spec!r} is empty: no text found")
+    return texts
+
+
+def pack_tokens(tokenizer, texts: list[str], *, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenise documents and concatenate them (EOS between documents) into one 1-D LongTensor."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_blocks(tokens: torch.Tensor, *, seq_len: int, n_blocks: int | None = None, seed: int | None = None) -> torch.Tensor:
+    """Cut a 1-D token stream into ``[n, seq_len]`` blocks (dropping the tail).
+
+    With ``seed`` the blocks are drawn in a seeded random order; without, they are taken in order.
+
+    Raises:
+        Mha2mlaError: fewer tokens than one block.
+    """
+    if seq_len <= 0:
+        raise Mha2mlaError(f"sequence length must be positive, got {seq_len}")
+    n_all = tokens.numel() // seq_len
+    if n_all == 0:
+        raise Mha2mlaError(f"data has {tokens.numel()} tokens, fewer than one block of {seq_len}; give more text or a shorter length")
+    blocks = tokens[: n_all * seq_len].view(n_all, seq_len)
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        blocks = blocks[torch.randperm(n_all, generator=g)]
+    if n_blocks is not None:
+        blocks = blocks[:n_blocks]
+    return blocks.contiguous()
