@@ -37,3 +37,12 @@ def main() -> None:
 
 
 # --- subcommands are registered below, one import each -------------------------------------------
+from mha2mla.commands_convert import convert_cmd  # noqa: E402
+
+main.add_command(convert_cmd)
+from mha2mla.commands_eval import eval_command  # noqa: E402
+
+main.add_command(eval_command)
+from mha2mla.commands_check import check  # noqa: E402
+
+main.add_command(check)

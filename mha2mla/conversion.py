@@ -1,0 +1,165 @@
+"""``mha2mla convert``: load → plan → factorise → write, streaming one layer at a time."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from mha2mla.attention import AttentionWeights, LayerStats, convert_attention
+from mha2mla.errors import Mha2mlaError
+from mha2mla.plan import ConversionPlan, make_plan
+from mha2mla.record import write_model_card, write_record
+from mha2mla.source import TOKENIZER_FILES, SourceModel, load_source
+from mha2mla.target_config import deepseek_v3_config
+from mha2mla.writer import ShardWriter, atomic_output_dir, parse_size
+
+__all__ = ["convert", "ConversionResult"]
+
+# Up to this hidden size the layer math runs in float64 (cheap, and exact to ~1e-12); above it in float32.
+FLOAT64_MAX_HIDDEN = 2048
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`convert` wrote."""
+
+    output: str
+    plan: ConversionPlan
+    layers: list[LayerStats]
+    record: dict
+    seconds: float
+
+
+def _layer_tensors(src: SourceModel, i: int, dt: torch.dtype) -> tuple[AttentionWeights, dict[str, torch.Tensor]]:
+    p = f"model.layers.{i}."
+
+    def get(n):
+        return src.get(p + n).to(dt)
+
+    def bias(x):
+        return get(f"self_attn.{x}_proj.bias") if src.bias[x] else None
+
+    attn = AttentionWeights(
+        q=get("self_attn.q_proj.weight"), k=get("self_attn.k_proj.weight"), v=get("self_attn.v_proj.weight"),
+        o=get("self_attn.o_proj.weight"), q_bias=bias("q"), k_bias=bias("k"), v_bias=bias("v"), o_bias=bias("o"),
+    )
+    rest = {n: src.get(p + n) for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                         "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")}
+    return attn, rest
+
+
+def _check_shapes(src: SourceModel, attn: AttentionWeights, i: int) -> None:
+    want = {"q": (src.n_heads * src.head_dim, src.hidden), "k": (src.n_kv * src.head_dim, src.hidden),
+            "v": (src.n_kv * src.head_dim, src.hidden), "o": (src.hidden, src.n_heads * src.head_dim)}
+    for x, shape in want.items():
+        got = tuple(getattr(attn, x).shape)
+        if got != shape:
+            raise Mha2mlaError(f"layer {i} {x}_proj has shape {got}, but config.json implies {shape}; config and weights disagree")
+
+
+def _copy_side_files(src: SourceModel, out: str) -> None:
+    if src.path is not None:
+        for n in TOKENIZER_FILES:
+            f = os.path.join(src.path, n)
+            if os.path.isfile(f):
+                shutil.copyfile(f, os.path.join(out, n))
+    elif src.gguf is not None:
+        from transformers import AutoTokenizer
+
+        folder, fname = src.gguf
+        AutoTokenizer.from_pretrained(folder, gguf_file=fname).save_pretrained(out)
+
+
+def convert(
+    *,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    rank: int,
+    rope_dim: int | None = None,
+    rope_stride: int | None = None,
+    calibration: str | None = None,
+    dtype: str = "auto",
+    force: bool = False,
+    max_shard_size: str | int = "2GB",
+    progress: bool = True,
+) -> ConversionResult:
+    """Convert a Llama/Mistral/Qwen2 checkpoint into a native ``DeepseekV3ForCausalLM`` MLA checkpoint.
+
+    Args:
+        source: local HF directory, hub id, or ``.gguf`` file.
+        output: directory to create (written to a temporary sibling and renamed at the end).
+        rank: ``kv_lora_rank``, the latent size R.
+        rope_dim: ``qk_rope_head_dim`` D (even, divides head_dim); default ``head_dim/2``.
+        rope_stride: keep every ``stride``-th frequency (default ``head_dim/D``, which keeps θ).
+        calibration: calibration text (file, JSONL, directory or dataset); ``None`` converts data-free.
+        dtype: ``auto`` (source's, bf16 for fp16 sources), ``float32`` or ``bfloat16``.
+        force: replace an existing ``output``.
+        max_shard_size: largest output shard, e.g. ``"2GB"``.
+        progress: show a progress bar per layer.
+
+    Returns:
+        :class:`ConversionResult`.
+
+    Raises:
+        Mha2mlaError: bad source, options or output; the output directory is then left untouched.
+
+    >>> convert(source="HuggingFaceTB/SmolLM2-135M", output="smollm2-mla", rank=96, rope_dim=32)  # doctest: +SKIP
+    """
+    t0 = time.time()
+    if calibration is not None:
+        raise Mha2mlaError("--calibration is not available yet in this version; convert data-free (omit --calibration)")
+    src = load_source(source)
+    plan = make_plan(source=src, rank=rank, rope_dim=rope_dim, rope_stride=rope_stride, dtype=dtype)
+    shard_bytes = parse_size(max_shard_size)
+    compute = torch.float64 if plan.hidden <= FLOAT64_MAX_HIDDEN else torch.float32
+    out_dt = plan.torch_dtype
+    s = plan.residual_scale
+    protect = (src.path,) if src.path else ()
+    stats: list[LayerStats] = []
+    with atomic_output_dir(os.fspath(output), force=force, protect=protect) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes=shard_bytes)
+        embed = src.get("model.embed_tokens.weight")
+        writer.add("model.embed_tokens.weight", (embed.to(compute) * s).to(out_dt))
+        if not plan.tie_embeddings:
+            head = embed if src.tied else src.get("lm_head.weight")
+            writer.add("lm_head.weight", head.to(out_dt))
+        del embed
+        writer.add("model.norm.weight", src.get("model.norm.weight").to(out_dt))
+        bar = tqdm(range(plan.n_layers), desc="converting layers", unit="layer", disable=not progress)
+        for i in bar:
+            attn, rest = _layer_tensors(src, i, compute)
+            _check_shapes(src, attn, i)
+            gamma = rest["input_layernorm.weight"].to(compute)
+            bound = math.sqrt(plan.hidden) * float(gamma.abs().max())
+            new, st = convert_attention(plan=plan, weights=attn, input_norm_bound=bound)
+            stats.append(st)
+            p = f"model.layers.{i}."
+            for n, t in new.items():
+                writer.add(p + "self_attn." + n, t.to(out_dt))
+            for n, t in rest.items():
+                t = (t.to(compute) * s) if n == "mlp.down_proj.weight" else t
+                writer.add(p + n, t.to(out_dt))
+            bar.set_postfix(k_err=f"{st.k_rel_error:.3f}", v_err=f"{st.v_rel_error:.3f}")
+            del attn, rest, new
+        names = writer.close()
+        config = deepseek_v3_config(source=src, plan=plan)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        _copy_side_files(src, tmp)
+        with open(os.path.join(tmp, "model.safetensors.index.json")) as f:
+            weight_names = list(json.load(f)["weight_map"])
+        record = write_record(tmp, source=src, plan=plan, stats=stats, config=config, weight_names=weight_names,
+                              options={"rank": rank, "rope_dim": plan.rope_dim, "rope_stride": plan.rope_stride,
+                                       "calibration": calibration, "dtype": plan.dtype, "max_shard_size": str(max_shard_size)},
+                              shards=names)
+        write_model_card(tmp, record=record)
+    src.close()
+    return ConversionResult(output=os.fspath(output), plan=plan, layers=stats, record=record, seconds=time.time() - t0)

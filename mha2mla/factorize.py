@@ -1,0 +1,156 @@
+"""The latent: joint low-rank factorisation of the stacked no-RoPE keys and values (pure math).
+
+MLA caches one latent ``c = W_down · x`` per token (``kv_lora_rank = R`` values) and rebuilds every head's no-RoPE key
+and value from it: ``k_nope = W_upK · c``, ``v = W_upV · c``. Stacking all KV heads' no-RoPE key rows and value rows
+into ``M = [K; V]`` (``2·n_kv·head_dim × hidden``), the best rank-R factorisation in Frobenius norm is the truncated SVD
+``M ≈ (U_R S_R)(V_Rᵀ)``: ``W_down = V_Rᵀ`` (orthonormal rows) and ``[W_upK; W_upV] = U_R S_R``.
+
+An optional input covariance ``Σ = E[x xᵀ]`` makes it activation-aware: minimise ``E‖(M - BA)x‖²`` instead, by taking
+the SVD of ``M Σ^{1/2}``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LatentFactors", "factorize_latent", "truncated_svd", "linear_norm_scale"]
+
+# Up to this many columns/rows an exact SVD is cheap; above it a randomised SVD with power iterations is used.
+EXACT_SVD_MAX_DIM = 2048
+
+
+@dataclass
+class LatentFactors:
+    """Result of :func:`factorize_latent`.
+
+    Attributes:
+        down: ``[R, in]`` the latent projection ``W_down``.
+        up_k: ``[k_rows, R]`` key up-projection ``W_upK``.
+        up_v: ``[v_rows, R]`` value up-projection ``W_upV``.
+        k_rel_error: ``‖K − W_upK W_down‖_F / ‖K‖_F`` (weighted when a covariance was given).
+        v_rel_error: the same for values.
+        energy_kept: share of ``‖M‖_F²`` (weighted) captured by the first R singular values.
+        singular_values: all singular values of the (weighted) stack, for rank selection reports.
+    """
+
+    down: torch.Tensor
+    up_k: torch.Tensor
+    up_v: torch.Tensor
+    k_rel_error: float
+    v_rel_error: float
+    energy_kept: float
+    singular_values: torch.Tensor
+
+
+def truncated_svd(m: torch.Tensor, rank: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD ``m ≈ U diag(S) Vᵀ``, plus all singular values when exact.
+
+    Exact (LAPACK) when ``min(m.shape) ≤ EXACT_SVD_MAX_DIM``; otherwise a seeded randomised SVD with oversampling and
+    power iterations (deterministic for a given seed), whose leading singular values agree with the exact ones to
+    high relative precision for the spectra of attention weights.
+
+    Returns:
+        ``(U [rows, rank], S [rank], V [cols, rank], S_all)``; ``S_all`` holds every singular value when exact, else
+        the ``rank + oversample`` computed ones.
+    """
+    if min(m.shape) <= EXACT_SVD_MAX_DIM:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank].T, s
+    q = min(rank + 64, min(m.shape))
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        u, s, v = torch.svd_lowrank(m, q=q, niter=6)
+    finally:
+        torch.random.set_rng_state(state)
+    return u[:, :rank], s[:rank], v[:, :rank], s
+
+
+def factorize_latent(
+    *, k: torch.Tensor, v: torch.Tensor, rank: int, k_weight: float = 1.0, input_sqrt_cov: torch.Tensor | None = None
+) -> LatentFactors:
+    """Jointly factorise stacked no-RoPE key rows ``k`` and value rows ``v`` through one rank-``rank`` latent.
+
+    Args:
+        k: ``[k_rows, in]`` no-RoPE key rows of every KV head, stacked.
+        v: ``[v_rows, in]`` value rows of every KV head, stacked.
+        rank: ``kv_lora_rank``; ``1 ≤ rank ≤ min(k_rows + v_rows, in)``.
+        k_weight: relative weight of the key rows in the joint objective (values have weight 1).
+        input_sqrt_cov: optional ``[in, in]`` symmetric square root of the input covariance (activation-aware).
+
+    Returns:
+        :class:`LatentFactors`.
+
+    Raises:
+        ValueError: shapes disagree or the rank is out of range (message shows the values).
+    """
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"key and value rows must read the same input width, got {k.shape[1]} and {v.shape[1]}")
+    max_rank = min(k.shape[0] + v.shape[0], k.shape[1])
+    if not 1 <= rank <= max_rank:
+        raise ValueError(f"--rank must be in 1..{max_rank} (the rank of the stacked keys and values), got {rank}")
+    if k_weight <= 0:
+        raise ValueError(f"key weight must be positive, got {k_weight}")
+    kw = math.sqrt(k_weight)
+    stack = torch.cat((k * kw, v), dim=0)
+    target = stack if input_sqrt_cov is None else stack @ input_sqrt_cov
+    u, s, vt_r, s_all = truncated_svd(target, rank)
+    if input_sqrt_cov is None:
+        down = vt_r.T.contiguous()  # orthonormal rows
+        up = u * s
+    else:
+        # M S ≈ (U_R S_R) V_Rᵀ  ⇒  M ≈ (U_R S_R)(V_Rᵀ S⁻¹) restricted to the data's span: solve for down by projection.
+        up = u.contiguous()
+        down = u.T @ stack  # least-squares optimal down for fixed orthonormal up, under the weighted norm too
+    up_k = up[: k.shape[0]] / kw
+    up_v = up[k.shape[0] :]
+    approx = up @ down
+
+    def rel(err_rows: torch.Tensor, ref: torch.Tensor) -> float:
+        if input_sqrt_cov is not None:
+            err_rows, ref = err_rows @ input_sqrt_cov, ref @ input_sqrt_cov
+        den = ref.norm()
+        return float(err_rows.norm() / den) if den > 0 else 0.0
+
+    k_err = rel(stack[: k.shape[0]] / kw - up_k @ down, k)
+    v_err = rel(v - up_v @ down, v)
+    total = float(target.norm() ** 2)
+    kept = float((s**2).sum())
+    return LatentFactors(
+        down=down,
+        up_k=up_k,
+        up_v=up_v,
+        k_rel_error=k_err,
+        v_rel_error=v_err,
+        energy_kept=kept / total if total > 0 else 1.0,
+        singular_values=s_all,
+    )
+
+
+def linear_norm_scale(*, down: torch.Tensor, input_norm_bound: float, eps: float = 1e-6, rel_error: float = 1e-5) -> tuple[float, float]:
+    """Scale α for the latent rows and the RMSNorm weight that make ``kv_a_layernorm`` act linearly.
+
+    ``RMSNorm(αc)·w = αc·w / sqrt(α²·ms(c) + eps)``. With ``α²·ms(c) ≤ 2·rel_error·eps`` for every input and
+    ``w = sqrt(eps)/α`` the norm returns ``c`` up to a relative error ``rel_error``. ``ms(c) ≤ ‖W_down‖₂²·‖x‖²/R`` and
+    ``‖x‖ ≤ input_norm_bound``. ``w`` is rounded up to a power of two (exact in bf16), α follows from it.
+
+    Args:
+        down: ``[R, in]`` latent projection (before scaling).
+        input_norm_bound: an upper bound of ``‖x‖`` over all inputs (``sqrt(hidden)·max|γ|`` after an RMSNorm).
+        eps: epsilon of the latent RMSNorm.
+        rel_error: worst-case relative error allowed.
+
+    Returns:
+        ``(alpha, norm_weight)`` with ``alpha · norm_weight == sqrt(eps)``.
+    """
+    rank = down.shape[0]
+    spec = float(torch.linalg.matrix_norm(down.float(), ord=2))
+    ms_bound = (spec * input_norm_bound) ** 2 / rank
+    if ms_bound == 0:
+        return 1.0, math.sqrt(eps)
+    alpha_max = math.sqrt(2 * rel_error * eps / ms_bound)
+    weight = 2.0 ** math.ceil(math.log2(math.sqrt(eps) / alpha_max))
+    return math.sqrt(eps) / weight, weight

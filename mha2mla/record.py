@@ -1,0 +1,123 @@
+"""The conversion record (``mha2mla.json``) and model card (``README.md``) written next to the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+from mha2mla.attention import LayerStats
+from mha2mla.plan import ConversionPlan
+from mha2mla.portability import fast_kernel_notes, portability_blockers
+from mha2mla.source import SourceModel
+
+__all__ = ["write_record", "write_model_card", "RECORD_NAME"]
+
+RECORD_NAME = "mha2mla.json"
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("mha2mla", "torch", "transformers", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_record(directory: str, *, source: SourceModel, plan: ConversionPlan, stats: list[LayerStats], config: dict,
+                 weight_names: list[str], options: dict, shards: list[str], extra: dict | None = None) -> dict:
+    """Write ``mha2mla.json`` and return it as a dict."""
+    blockers = portability_blockers(config, weight_names)
+    src_kv, mla_kv = plan.source_kv_values, plan.kv_values
+    record = {
+        "format": "mha2mla conversion record v1",
+        "source": {
+            "name": source.name,
+            "architecture": (source.config.get("architectures") or [source.config.get("model_type")])[0],
+            "num_attention_heads": source.n_heads,
+            "num_key_value_heads": source.n_kv,
+            "head_dim": source.head_dim,
+            "hidden_size": source.hidden,
+            "num_hidden_layers": source.n_layers,
+            "rms_norm_eps": source.eps,
+            "rope": source.rope,
+            "attention_biases": [k for k, v in source.bias.items() if v],
+        },
+        "options": options,
+        "plan": plan.to_dict(),
+        "versions": _versions(),
+        "kv_cache": {
+            "source_values_per_token_per_layer": src_kv,
+            "mla_values_per_token_per_layer": mla_kv,
+            "saving": 1 - mla_kv / src_kv,
+            "source_bytes_per_token_bf16": 2 * src_kv * plan.n_layers,
+            "mla_bytes_per_token_bf16": 2 * mla_kv * plan.n_layers,
+        },
+        "layers": [s.to_dict() for s in stats],
+        "mean_k_rel_error": sum(s.k_rel_error for s in stats) / max(len(stats), 1),
+        "mean_v_rel_error": sum(s.v_rel_error for s in stats) / max(len(stats), 1),
+        "portability": {
+            "vllm_sglang_portable": not blockers,
+            "blockers": blockers,
+            "notes": fast_kernel_notes(config),
+        },
+        "shards": shards,
+    }
+    if extra:
+        record.update(extra)
+    with open(os.path.join(directory, RECORD_NAME), "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    return record
+
+
+def write_model_card(directory: str, *, record: dict) -> None:
+    """Write a short model card ``README.md`` from the record."""
+    src, kv, plan = record["source"], record["kv_cache"], record["plan"]
+    port = record["portability"]
+    portable = "yes" if port["vllm_sglang_portable"] else "no — " + "; ".join(port["blockers"])
+    card = f"""---
+base_model: {src['name']}
+library_name: transformers
+tags: [mla, deepseek_v3, mha2mla]
+---
+# {os.path.basename(src['name'].rstrip('/'))} → Multi-Head Latent Attention
+
+Converted by [mha2mla](https://pypi.org/project/mha2mla/) from `{src['name']}` ({src['architecture']},
+{src['num_attention_heads']} query / {src['num_key_value_heads']} KV heads × {src['head_dim']}) into a native
+`DeepseekV3ForCausalLM` checkpoint. It loads with stock transformers, no remote code:
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
+```
+
+## What was done
+- Decoupled RoPE: {plan['rope_dim']} rope dimensions (every {plan['rope_stride']}-th source frequency, θ = {plan['rope_theta']:g}),
+  shared by all heads; the rest of each key lost its rotation.
+- Keys (no-RoPE part) and values of all KV heads factorised jointly into a {plan['rank']}-dim latent
+  ({'calibrated on ' + str(record['options'].get('calibration')) if record['options'].get('calibration') else 'data-free truncated SVD'}).
+  Mean relative error: keys {record['mean_k_rel_error']:.4f}, values {record['mean_v_rel_error']:.4f}.
+- The latent RMSNorm acts linearly (tiny latent scale, large norm weight); rms_norm_eps 1e-6 (residual stream rescaled by
+  {plan['residual_scale']:.6g}).
+- No fine-tuning{'' if not record.get('heal') else ' before healing (see `mha2mla.json`)'}.
+
+## KV cache
+| | values / token / layer | bytes / token (bf16, all layers) |
+|---|---|---|
+| source | {kv['source_values_per_token_per_layer']} | {kv['source_bytes_per_token_bf16']} |
+| this model | {kv['mla_values_per_token_per_layer']} | {kv['mla_bytes_per_token_bf16']} |
+
+Saving: **{kv['saving'] * 100:.1f} %**.
+
+## Serving engines
+vLLM / SGLang portable: {portable}.
+{chr(10).join('- ' + n for n in port['notes'])}
+
+Details (per-layer errors, versions, options): `mha2mla.json`.
+"""
+    with open(os.path.join(directory, "README.md"), "w") as f:
+        f.write(card)
