@@ -92,8 +92,8 @@ def convert_attention(
     k = _with_bias(weights.k, weights.k_bias, n_kv, hd)
     freqs = kept_frequencies(head_dim=hd, rope_dim=d, stride=plan.rope_stride)
     planes = key_planes(k[..., :hidden], freqs)
-    u = principal_mix(planes, gram=rope_gram)
-    q_rope, k_rope, k_nope = split_rope(q=q, k=k, freqs=freqs, u=u)
+    w_mix, c_mix = principal_mix(planes, gram=rope_gram)
+    q_rope, k_rope, k_nope = split_rope(q=q, k=k, freqs=freqs, w=w_mix, c=c_mix)
     kept_energy = float(planes.abs().pow(2).sum())
     rope_energy = float(k_rope[:, :hidden].pow(2).sum()) / kept_energy if kept_energy > 0 else 1.0
 

@@ -40,9 +40,15 @@ def main() -> None:
 from mha2mla.commands_convert import convert_cmd  # noqa: E402
 
 main.add_command(convert_cmd)
+from mha2mla.commands_demo import demo_cmd  # noqa: E402
+
+main.add_command(demo_cmd)
 from mha2mla.commands_eval import eval_command  # noqa: E402
 
 main.add_command(eval_command)
 from mha2mla.commands_check import check  # noqa: E402
 
 main.add_command(check)
+from mha2mla.commands_heal import heal_command  # noqa: E402
+
+main.add_command(heal_command)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LatentFactors", "factorize_latent", "truncated_svd", "linear_norm_scale"]
+__all__ = ["LatentFactors", "factorize_latent", "truncated_svd", "linear_norm_scale", "sqrtm_psd"]
 
 # Up to this many columns/rows an exact SVD is cheap; above it a randomised SVD with power iterations is used.
 EXACT_SVD_MAX_DIM = 2048
@@ -69,20 +69,49 @@ def truncated_svd(m: torch.Tensor, rank: int, *, seed: int = 0) -> tuple[torch.T
     return u[:, :rank], s[:rank], v[:, :rank], s
 
 
+def _blockwise(left: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """Apply ``left [n, b, b]`` to ``rows [n·b, in]`` block by block (identity when ``left`` is None)."""
+    if left is None:
+        return rows
+    n, b, _ = left.shape
+    return (left @ rows.reshape(n, b, -1)).reshape(n * b, -1)
+
+
+def _blockwise_solve(left: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    if left is None:
+        return rows
+    n, b, _ = left.shape
+    return torch.linalg.solve(left, rows.reshape(n, b, -1)).reshape(n * b, -1)
+
+
 def factorize_latent(
-    *, k: torch.Tensor, v: torch.Tensor, rank: int, k_weight: float = 1.0, input_sqrt_cov: torch.Tensor | None = None
+    *,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rank: int,
+    k_weight: float = 1.0,
+    input_sqrt_cov: torch.Tensor | None = None,
+    left_k: torch.Tensor | None = None,
+    left_v: torch.Tensor | None = None,
 ) -> LatentFactors:
     """Jointly factorise stacked no-RoPE key rows ``k`` and value rows ``v`` through one rank-``rank`` latent.
+
+    Minimises ``k_weight·E‖L_k(K − K̂)x‖² + E‖L_v(V − V̂)x‖²`` over ``[K̂; V̂] = B·W_down`` of rank R, where ``E[xxᵀ] =
+    S²`` (``S = input_sqrt_cov``, identity when None) and ``L_k``/``L_v`` are block-diagonal output weights (identity
+    when None): the SVD of ``L M S`` gives ``U_R``; then ``W_down = U_Rᵀ L M`` and ``B = L⁻¹ U_R``.
 
     Args:
         k: ``[k_rows, in]`` no-RoPE key rows of every KV head, stacked.
         v: ``[v_rows, in]`` value rows of every KV head, stacked.
         rank: ``kv_lora_rank``; ``1 ≤ rank ≤ min(k_rows + v_rows, in)``.
         k_weight: relative weight of the key rows in the joint objective (values have weight 1).
-        input_sqrt_cov: optional ``[in, in]`` symmetric square root of the input covariance (activation-aware).
+        input_sqrt_cov: optional ``[in, in]`` symmetric square root of the input second moment (activation-aware).
+        left_k: optional ``[n_kv, hd, hd]`` invertible weights on each KV head's key rows (e.g. the root of the
+            second moment of the queries that read them).
+        left_v: optional ``[n_kv, hd, hd]`` invertible weights on each KV head's value rows (e.g. ``(W_oᵀW_o)^{1/2}``).
 
     Returns:
-        :class:`LatentFactors`.
+        :class:`LatentFactors`; errors are measured in the weighted norm.
 
     Raises:
         ValueError: shapes disagree or the rank is out of range (message shows the values).
@@ -95,19 +124,13 @@ def factorize_latent(
     if k_weight <= 0:
         raise ValueError(f"key weight must be positive, got {k_weight}")
     kw = math.sqrt(k_weight)
-    stack = torch.cat((k * kw, v), dim=0)
+    kl, vl = _blockwise(left_k, k) * kw, _blockwise(left_v, v)
+    stack = torch.cat((kl, vl), dim=0)
     target = stack if input_sqrt_cov is None else stack @ input_sqrt_cov
-    u, s, vt_r, s_all = truncated_svd(target, rank)
-    if input_sqrt_cov is None:
-        down = vt_r.T.contiguous()  # orthonormal rows
-        up = u * s
-    else:
-        # M S ≈ (U_R S_R) V_Rᵀ  ⇒  M ≈ (U_R S_R)(V_Rᵀ S⁻¹) restricted to the data's span: solve for down by projection.
-        up = u.contiguous()
-        down = u.T @ stack  # least-squares optimal down for fixed orthonormal up, under the weighted norm too
-    up_k = up[: k.shape[0]] / kw
-    up_v = up[k.shape[0] :]
-    approx = up @ down
+    u, s, _, s_all = truncated_svd(target, rank)
+    down = u.T @ stack  # optimal for the fixed orthonormal left factor, in the weighted norm too
+    up_k = _blockwise_solve(left_k, u[: k.shape[0]]) / kw
+    up_v = _blockwise_solve(left_v, u[k.shape[0] :])
 
     def rel(err_rows: torch.Tensor, ref: torch.Tensor) -> float:
         if input_sqrt_cov is not None:
@@ -115,8 +138,9 @@ def factorize_latent(
         den = ref.norm()
         return float(err_rows.norm() / den) if den > 0 else 0.0
 
-    k_err = rel(stack[: k.shape[0]] / kw - up_k @ down, k)
-    v_err = rel(v - up_v @ down, v)
+    approx = u @ down
+    k_err = rel(kl - approx[: k.shape[0]], kl)
+    v_err = rel(vl - approx[k.shape[0] :], vl)
     total = float(target.norm() ** 2)
     kept = float((s**2).sum())
     return LatentFactors(
@@ -128,6 +152,15 @@ def factorize_latent(
         energy_kept=kept / total if total > 0 else 1.0,
         singular_values=s_all,
     )
+
+
+def sqrtm_psd(m: torch.Tensor, *, ridge: float = 1e-6) -> torch.Tensor:
+    """Symmetric square root of a positive semi-definite matrix, with a relative ridge so it is invertible."""
+    m = (m + m.transpose(-1, -2)) / 2
+    eye = torch.eye(m.shape[-1], dtype=m.dtype)
+    scale = m.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1e-30)
+    vals, vecs = torch.linalg.eigh(m + ridge * scale * eye)
+    return (vecs * vals.clamp_min(0).sqrt()[..., None, :]) @ vecs.transpose(-1, -2)
 
 
 def linear_norm_scale(*, down: torch.Tensor, input_norm_bound: float, eps: float = 1e-6, rel_error: float = 1e-5) -> tuple[float, float]:

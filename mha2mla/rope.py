@@ -24,6 +24,8 @@ __all__ = [
     "rope_theta_for_stride",
     "key_planes",
     "principal_mix",
+    "expected_rotation",
+    "scale_planes",
     "split_rope",
 ]
 
@@ -78,24 +80,61 @@ def key_planes(weight: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.complex(re, im)
 
 
-def principal_mix(planes: torch.Tensor, *, gram: torch.Tensor | None = None) -> torch.Tensor:
-    """Per frequency, the unit complex vector ``u`` across KV heads that captures most of the key energy.
+def principal_mix(planes: torch.Tensor, *, gram: torch.Tensor | None = None,
+                  weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frequency, the shared rope key ``s = w^H z`` and each KV head's coefficient ``c_g`` (``z_g ≈ c_g s``).
+
+    Minimises ``Σ_g a_g·E|z_g − c_g s|²``: with ``z̃_g = sqrt(a_g) z_g`` this is the top principal component ``ũ`` of
+    ``E[z̃ z̃^H]``, giving ``w = sqrt(a)·ũ`` and ``c = ũ/sqrt(a)``. Data-free (``a = 1``, ``E[z z^H] = Z Z^H``) it is the
+    unitary mix ``w = c = u``.
 
     Args:
         planes: ``[F, n_kv, in]`` complex key planes (from :func:`key_planes`, weights only).
-        gram: optional ``[F, n_kv, n_kv]`` Hermitian matrices to maximise ``u^H G u`` instead of the data-free
-            ``Z Z^H`` (for example ``Z Σ_x Z^H`` weighted by the queries that read the keys).
+        gram: optional ``[F, n_kv, n_kv]`` Hermitian second moments ``E[z z^H]`` (``Z Σ_x Z^H`` from calibration).
+        weights: optional ``[F, n_kv]`` positive importance ``a_g`` of each head's plane (e.g. the energy of the queries
+            that read it, times how much they need the rotation).
 
     Returns:
-        ``[F, n_kv]`` complex unit vectors, phase fixed so the largest entry is real and positive (deterministic).
+        ``(w, c)``, each ``[F, n_kv]`` complex; phase fixed so the largest entry of ``ũ`` is real positive.
     """
     if gram is None:
         gram = planes @ planes.conj().transpose(-1, -2)
-    _, vecs = torch.linalg.eigh(gram)
+    if weights is None:
+        weights = torch.ones(gram.shape[:2], dtype=gram.real.dtype)
+    a = weights.clamp_min(float(weights.max()) * 1e-6 + 1e-30).sqrt().to(gram.dtype)
+    _, vecs = torch.linalg.eigh(a[..., :, None] * gram * a[..., None, :])
     u = vecs[..., -1]  # eigenvector of the largest eigenvalue
     idx = u.abs().argmax(dim=-1, keepdim=True)
     phase = torch.gather(u, -1, idx)
-    return u * (phase.conj() / phase.abs())
+    u = u * (phase.conj() / phase.abs())
+    return u * a, u / a
+
+
+def expected_rotation(*, distance_hist: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``ρ_j = E[e^{-iΔω_j}]`` under an attention-distance distribution (per head).
+
+    A plane that loses its rotation scores ``Re(conj(q) k e^{-iΔω})`` with the factor replaced by a constant; the
+    constant with the least mean-square error is its expectation ``ρ`` (≈1 for slow frequencies, ≈0 for fast ones),
+    a fixed complex scale that folds into the query.
+
+    Args:
+        distance_hist: ``[n_heads, L]`` attention mass at query−key distance Δ = 0..L−1.
+        inv_freq: ``[head_dim/2]`` source angular frequencies ω_j.
+
+    Returns:
+        ``[n_heads, head_dim/2]`` complex.
+    """
+    p = distance_hist / distance_hist.sum(-1, keepdim=True).clamp_min(1e-30)
+    delta = torch.arange(distance_hist.shape[-1], dtype=inv_freq.dtype)
+    phase = torch.exp(-1j * delta[:, None] * inv_freq[None, :])  # [L, F]
+    return p.to(phase.dtype) @ phase
+
+
+def scale_planes(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Multiply every complex plane of ``weight [n, head_dim, in]`` by ``factor [n, head_dim/2]`` (complex)."""
+    half = weight.shape[1] // 2
+    z = torch.complex(weight[:, :half], weight[:, half:]) * factor[..., None]
+    return torch.cat((z.real, z.imag), dim=1)
 
 
 def _interleave(planes: torch.Tensor) -> torch.Tensor:
@@ -104,7 +143,7 @@ def _interleave(planes: torch.Tensor) -> torch.Tensor:
 
 
 def split_rope(
-    *, q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor, u: torch.Tensor
+    *, q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor, w: torch.Tensor, c: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split queries and keys into the shared rope slice and the no-RoPE remainder.
 
@@ -112,7 +151,7 @@ def split_rope(
         q: ``[n_heads, head_dim, in_q]`` query rows per head (a bias may ride along as the last column).
         k: ``[n_kv, head_dim, in_k]`` key rows per KV head (likewise).
         freqs: ``[F]`` kept frequency indices, ``F = rope_dim/2``.
-        u: ``[F, n_kv]`` unit mixing vectors from :func:`principal_mix`.
+        w, c: ``[F, n_kv]`` mixing vector and coefficients from :func:`principal_mix`.
 
     Returns:
         ``(q_rope [n_heads, 2F, in_q], k_rope [2F, in_k], k_nope [n_kv, head_dim, in_k])``: interleaved rope rows for
@@ -124,10 +163,10 @@ def split_rope(
         raise ValueError(f"query heads {n_heads} must be a multiple of KV heads {n_kv}")
     group = torch.arange(n_heads) // (n_heads // n_kv)
     zk = key_planes(k, freqs)  # [F, n_kv, in_k]
-    shared = torch.einsum("fg,fgi->fi", u.conj(), zk)  # z'_0 = u^H z
-    residual = zk - u[..., None] * shared[:, None, :]
+    shared = torch.einsum("fg,fgi->fi", w.conj(), zk)  # s = w^H z
+    residual = zk - c[..., None] * shared[:, None, :]
     zq = key_planes(q, freqs)  # [F, n_heads, in_q]
-    q_rope = zq * u.conj()[:, group, None]  # query coefficient conj(u_g)
+    q_rope = zq * c.conj()[:, group, None]  # Re(conj(q)·c·s) = Re(conj(conj(c)·q)·s)
     k_nope = k.clone()
     half = k.shape[1] // 2
     k_nope[:, freqs, :] = residual.real.transpose(0, 1)

