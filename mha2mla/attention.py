@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mha2mla.factorize import factorize_latent, linear_norm_scale
+from mha2mla.calibration import LayerCalibration
+from mha2mla.factorize import factorize_latent, linear_norm_scale, sqrtm_psd
 from mha2mla.plan import TARGET_EPS, ConversionPlan
-from mha2mla.rope import key_planes, kept_frequencies, principal_mix, split_rope
+from mha2mla.reference import mla_attention, relative_output_error, source_attention
+from mha2mla.rope import expected_rotation, key_planes, kept_frequencies, principal_mix, scale_planes, split_rope
 
-__all__ = ["LayerStats", "AttentionWeights", "convert_attention"]
+__all__ = ["LayerStats", "AttentionWeights", "Method", "convert_attention", "rope_need"]
 
 
 @dataclass
@@ -56,6 +58,8 @@ class LayerStats:
     latent_scale: float
     q_bias_residual: float = 0.0
     singular_values: list = field(default_factory=list)
+    key_weight: float = 1.0
+    output_rel_error: float | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -65,6 +69,8 @@ class LayerStats:
             "rope_energy_kept": self.rope_energy_kept,
             "latent_scale": self.latent_scale,
             "q_bias_residual": self.q_bias_residual,
+            "key_weight": self.key_weight,
+            "attention_output_rel_error": self.output_rel_error,
         }
 
 
@@ -73,8 +79,48 @@ def _with_bias(w: torch.Tensor, b: torch.Tensor | None, heads: int, hd: int) -> 
     return w if b is None else torch.cat((w, b.reshape(heads, hd, 1)), dim=-1)
 
 
+@dataclass(frozen=True)
+class Method:
+    """Which calibrated ingredients to use (all on by default; each can be switched off for ablations).
+
+    Attributes:
+        expected_rotation: planes that lose RoPE keep ``ρ = E[e^{-iΔω}]`` (per head) instead of no rotation.
+        weighted_rope: the shared rope key maximises the query-weighted, rotation-needing key energy.
+        activation_aware: the latent minimises the error on real inputs (``E[xxᵀ]``), not on the weights.
+        output_weighted: keys weighted by the queries that read them, values by ``W_o``.
+        balance_search: the key/value balance is chosen by measuring the layer's output on calibration inputs.
+    """
+
+    expected_rotation: bool = True
+    weighted_rope: bool = True
+    activation_aware: bool = True
+    output_weighted: bool = True
+    balance_search: bool = True
+
+
+BALANCE_GRID = (1 / 16, 1 / 4, 1.0, 4.0, 16.0)
+
+
+def _quadratic_planes(planes: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``E|z|²`` of complex planes ``[F, n, in]`` under the second moment ``sigma [in, in]`` → ``[F, n]``."""
+    s = sigma.to(planes.dtype)
+    return torch.einsum("fni,ij,fnj->fn", planes.conj(), s, planes).real
+
+
+def rope_need(*, q: torch.Tensor, calib: LayerCalibration, use_rho: bool) -> torch.Tensor:
+    """``[head_dim/2, n_heads]``: how much each query head's plane needs its rotation, ``E|q|²·(1 − |ρ|²)``."""
+    hd = q.shape[1]
+    sig = calib.sigma if q.shape[-1] == calib.sigma.shape[0] else calib.sigma[:-1, :-1]
+    eq = _quadratic_planes(key_planes(q, torch.arange(hd // 2)), sig)
+    if not use_rho:
+        return eq
+    rho = expected_rotation(distance_hist=calib.distance_hist, inv_freq=calib.inv_freq)  # [n_heads, F]
+    return eq * (1 - rho.abs().pow(2)).T.to(eq.dtype)
+
+
 def convert_attention(
-    *, plan: ConversionPlan, weights: AttentionWeights, input_norm_bound: float, rope_gram: torch.Tensor | None = None
+    *, plan: ConversionPlan, weights: AttentionWeights, input_norm_bound: float, calib: LayerCalibration | None = None,
+    method: Method = Method(),
 ) -> tuple[dict[str, torch.Tensor], LayerStats]:
     """Convert one attention layer.
 
@@ -82,7 +128,8 @@ def convert_attention(
         plan: the target shapes and constants.
         weights: source weights, in the compute dtype (float64 recommended for small models, float32 for large).
         input_norm_bound: upper bound of ``‖x‖`` for the attention input (``sqrt(hidden)·max|γ|``).
-        rope_gram: optional ``[D/2, n_kv, n_kv]`` Hermitian matrices for the per-frequency PCA (calibration).
+        calib: this layer's calibration statistics; ``None`` converts data-free.
+        method: calibrated ingredients to use (ignored without ``calib``).
 
     Returns:
         ``(tensors, stats)``: target tensors named relative to ``self_attn.`` and the layer's statistics.
@@ -91,23 +138,98 @@ def convert_attention(
     q = _with_bias(weights.q, weights.q_bias, n_h, hd)
     k = _with_bias(weights.k, weights.k_bias, n_kv, hd)
     freqs = kept_frequencies(head_dim=hd, rope_dim=d, stride=plan.rope_stride)
+    group = torch.arange(n_h) // (n_h // n_kv)
     planes = key_planes(k[..., :hidden], freqs)
-    w_mix, c_mix = principal_mix(planes, gram=rope_gram)
+    q_nope = q
+    if calib is None:
+        w_mix, c_mix = principal_mix(planes)
+    else:
+        sig_k = calib.sigma if k.shape[-1] == hidden + 1 else calib.sigma[:-1, :-1]
+        zk = key_planes(k, freqs)
+        gram = torch.einsum("fgi,ij,fhj->fgh", zk, sig_k.to(zk.dtype), zk.conj())
+        weights_g = None
+        if method.weighted_rope:
+            need = rope_need(q=q, calib=calib, use_rho=method.expected_rotation)[freqs]  # [F, n_heads]
+            weights_g = torch.zeros(len(freqs), n_kv, dtype=need.dtype).index_add_(1, group, need)
+        w_mix, c_mix = principal_mix(planes, gram=gram, weights=weights_g)
+        if method.expected_rotation:
+            rho = expected_rotation(distance_hist=calib.distance_hist, inv_freq=calib.inv_freq)
+            q_nope = scale_planes(q, rho.conj().to(torch.complex128 if q.dtype == torch.float64 else torch.complex64))
     q_rope, k_rope, k_nope = split_rope(q=q, k=k, freqs=freqs, w=w_mix, c=c_mix)
+    half = hd // 2
     kept_energy = float(planes.abs().pow(2).sum())
-    rope_energy = float(k_rope[:, :hidden].pow(2).sum()) / kept_energy if kept_energy > 0 else 1.0
+    res_energy = float(k_nope[:, freqs, :hidden].pow(2).sum() + k_nope[:, freqs + half, :hidden].pow(2).sum())
+    rope_energy = 1 - res_energy / kept_energy if kept_energy > 0 else 1.0
 
-    latent = factorize_latent(k=k_nope[..., :hidden].reshape(n_kv * hd, hidden), v=weights.v, rank=plan.rank)
+    k_rows = k_nope[..., :hidden].reshape(n_kv * hd, hidden)
+    factor_kw: dict = {}
+    if calib is not None:
+        sig_x = calib.sigma[:-1, :-1].to(k_rows.dtype)
+        if method.activation_aware:
+            factor_kw["input_sqrt_cov"] = sqrtm_psd(sig_x)
+        if method.output_weighted:
+            sig_q = calib.sigma.to(q.dtype) if q.shape[-1] == hidden + 1 else sig_x
+            qn = q_nope.reshape(n_h, hd, -1)
+            cq = torch.einsum("hai,ij,hbj->hab", qn, sig_q, qn)
+            factor_kw["left_k"] = sqrtm_psd(torch.zeros(n_kv, hd, hd, dtype=cq.dtype).index_add_(0, group, cq))
+            wo = weights.o.reshape(hidden, n_h, hd).transpose(0, 1)  # [n_h, hidden, hd]
+            factor_kw["left_v"] = sqrtm_psd(torch.zeros(n_kv, hd, hd, dtype=wo.dtype).index_add_(0, group, wo.transpose(1, 2) @ wo))
+
+    def assemble(k_weight: float):
+        latent = factorize_latent(k=k_rows, v=weights.v, rank=plan.rank, k_weight=k_weight, **factor_kw)
+        return _assemble(plan=plan, weights=weights, latent=latent, q_nope=q_nope, q_rope=q_rope, k_rope=k_rope,
+                         group=group, input_norm_bound=input_norm_bound), latent
+
+    chosen_kw, out_err = 1.0, None
+    if calib is not None and method.balance_search:
+        base = _balance_scale(k_rows, weights.v, factor_kw)
+        x = calib.x_sample.to(k_rows.dtype)
+        pos = torch.arange(x.shape[1], dtype=k_rows.dtype)[:, None]
+        ref = source_attention(weights=weights, x=x, angles=pos * calib.inv_freq.to(x.dtype), n_heads=n_h, n_kv=n_kv, head_dim=hd)
+        angles = pos * calib.inv_freq.to(x.dtype)[freqs]
+        best = None
+        for g in BALANCE_GRID:
+            (tensors, _), _ = assemble(base * g)
+            err = relative_output_error(ref * plan.residual_scale, mla_attention(tensors=tensors, plan=plan, x=x, angles=angles))
+            if best is None or err < best[0]:
+                best = (err, base * g)
+        out_err, chosen_kw = best
+    elif calib is not None:
+        chosen_kw = _balance_scale(k_rows, weights.v, factor_kw)
+    (out, extra), latent = assemble(chosen_kw)
+    stats = LayerStats(
+        k_rel_error=latent.k_rel_error, v_rel_error=latent.v_rel_error, energy_kept=latent.energy_kept,
+        rope_energy_kept=rope_energy, latent_scale=extra["alpha"], q_bias_residual=extra["q_bias_residual"],
+        singular_values=[float(x) for x in latent.singular_values], key_weight=chosen_kw, output_rel_error=out_err,
+    )
+    return out, stats
+
+
+def _balance_scale(k_rows: torch.Tensor, v_rows: torch.Tensor, factor_kw: dict) -> float:
+    """Key weight that gives keys and values the same total weighted energy (the centre of the balance search)."""
+    from mha2mla.factorize import _blockwise
+
+    s = factor_kw.get("input_sqrt_cov")
+    kk = _blockwise(factor_kw.get("left_k"), k_rows)
+    vv = _blockwise(factor_kw.get("left_v"), v_rows)
+    if s is not None:
+        kk, vv = kk @ s, vv @ s
+    ek, ev = float(kk.pow(2).sum()), float(vv.pow(2).sum())
+    return ev / ek if ek > 0 and ev > 0 else 1.0
+
+
+def _assemble(*, plan: ConversionPlan, weights: AttentionWeights, latent, q_nope: torch.Tensor, q_rope: torch.Tensor,
+              k_rope: torch.Tensor, group: torch.Tensor, input_norm_bound: float) -> tuple[dict[str, torch.Tensor], dict]:
+    n_h, n_kv, hd, hidden, d = plan.n_heads, plan.n_kv, plan.head_dim, plan.hidden, plan.rope_dim
     alpha, norm_w = linear_norm_scale(down=latent.down, input_norm_bound=input_norm_bound, eps=TARGET_EPS)
     out: dict[str, torch.Tensor] = {}
     out["kv_a_proj_with_mqa.weight"] = torch.cat((latent.down * alpha, k_rope[:, :hidden]), dim=0)
     out["kv_a_layernorm.weight"] = torch.full((plan.rank,), norm_w, dtype=weights.k.dtype)
-    group = torch.arange(n_h) // (n_h // n_kv)
     up_k = latent.up_k.reshape(n_kv, hd, plan.rank)[group]
     up_v = latent.up_v.reshape(n_kv, hd, plan.rank)[group]
     out["kv_b_proj.weight"] = torch.cat((up_k, up_v), dim=1).reshape(n_h * 2 * hd, plan.rank)
 
-    q_full = torch.cat((q, q_rope), dim=1) * math.sqrt((hd + d) / hd)  # softmax scale (hd+D)^-½ → hd^-½
+    q_full = torch.cat((q_nope, q_rope), dim=1) * math.sqrt((hd + d) / hd)  # softmax scale (hd+D)^-½ → hd^-½
     q_full = q_full.reshape(n_h * (hd + d), -1)
     q_bias_residual = 0.0
     if plan.q_lora_rank is None:
@@ -134,11 +256,33 @@ def convert_attention(
         if weights.v_bias is not None:
             o_bias = o_bias + weights.o @ weights.v_bias.reshape(n_kv, hd)[group].reshape(-1)
         out["o_proj.bias"] = o_bias * s
-        if plan.q_lora_rank is None and weights.q_bias is not None:  # pragma: no cover - plan guarantees q_lora
-            raise AssertionError("a query bias needs q_lora_rank")
-    stats = LayerStats(
-        k_rel_error=latent.k_rel_error, v_rel_error=latent.v_rel_error, energy_kept=latent.energy_kept,
-        rope_energy_kept=rope_energy, latent_scale=alpha, q_bias_residual=q_bias_residual,
-        singular_values=[float(x) for x in latent.singular_values],
-    )
-    return out, stats
+    return out, {"alpha": alpha, "q_bias_residual": q_bias_residual}
+
+
+def rope_frequency_scores(*, weights: AttentionWeights, calib: LayerCalibration, n_heads: int, n_kv: int,
+                          head_dim: int, method: Method = Method()) -> torch.Tensor:
+    """``[head_dim/2]``: for each source frequency, the query-weighted key energy one shared rope plane can keep.
+
+    Summed over layers, this ranks the standard RoPE schedules (strides) for ``--rope-dim``.
+    """
+    q = _with_bias(weights.q, weights.q_bias, n_heads, head_dim)
+    k = _with_bias(weights.k, weights.k_bias, n_kv, head_dim)
+    hidden = weights.q.shape[1]
+    all_f = torch.arange(head_dim // 2)
+    group = torch.arange(n_heads) // (n_heads // n_kv)
+    sig_k = calib.sigma if k.shape[-1] == hidden + 1 else calib.sigma[:-1, :-1]
+    zk = key_planes(k, all_f)
+    gram = torch.einsum("fgi,ij,fhj->fgh", zk, sig_k.to(zk.dtype), zk.conj())
+    need = rope_need(q=q, calib=calib, use_rho=method.expected_rotation)
+    a = torch.zeros(len(all_f), n_kv, dtype=need.dtype).index_add_(1, group, need).clamp_min(0).sqrt().to(gram.dtype)
+    weighted = a[..., :, None] * gram * a[..., None, :]
+    return torch.linalg.eigvalsh(weighted)[..., -1].real
+
+
+def choose_rope_stride(*, scores: torch.Tensor, head_dim: int, rope_dim: int) -> tuple[int, dict[int, float]]:
+    """The stride whose kept frequencies ``stride·m`` hold the most of ``scores``; returns it and every stride's share."""
+    total = float(scores.sum()) or 1.0
+    shares = {}
+    for s in range(1, head_dim // rope_dim + 1):
+        shares[s] = float(scores[kept_frequencies(head_dim=head_dim, rope_dim=rope_dim, stride=s)].sum()) / total
+    return max(shares, key=shares.get), shares

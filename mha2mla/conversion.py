@@ -7,12 +7,13 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from mha2mla.attention import AttentionWeights, LayerStats, convert_attention
+from mha2mla.attention import AttentionWeights, LayerStats, Method, choose_rope_stride, convert_attention, rope_frequency_scores
+from mha2mla.calibration import calibrate, calibration_tokens
 from mha2mla.errors import Mha2mlaError
 from mha2mla.plan import ConversionPlan, make_plan
 from mha2mla.record import write_model_card, write_record
@@ -64,6 +65,19 @@ def _check_shapes(src: SourceModel, attn: AttentionWeights, i: int) -> None:
             raise Mha2mlaError(f"layer {i} {x}_proj has shape {got}, but config.json implies {shape}; config and weights disagree")
 
 
+def _choose_stride(src, plan, calibs, method, rope_dim, dtype, rank):
+    """Pick the RoPE schedule (stride) that keeps the most query-weighted rotary key energy over all layers."""
+    compute = torch.float64 if plan.hidden <= FLOAT64_MAX_HIDDEN else torch.float32
+    scores = None
+    for i, calib in enumerate(calibs):
+        attn, _ = _layer_tensors(src, i, compute)
+        sc = rope_frequency_scores(weights=attn, calib=calib, n_heads=plan.n_heads, n_kv=plan.n_kv,
+                                   head_dim=plan.head_dim, method=method)
+        scores = sc if scores is None else scores + sc
+    stride, shares = choose_rope_stride(scores=scores, head_dim=plan.head_dim, rope_dim=plan.rope_dim)
+    return make_plan(source=src, rank=rank, rope_dim=rope_dim, rope_stride=stride, dtype=dtype), shares
+
+
 def _copy_side_files(src: SourceModel, out: str) -> None:
     if src.path is not None:
         for n in TOKENIZER_FILES:
@@ -85,6 +99,9 @@ def convert(
     rope_dim: int | None = None,
     rope_stride: int | None = None,
     calibration: str | None = None,
+    calibration_samples: int = 64,
+    calibration_length: int = 256,
+    method: Method | None = None,
     dtype: str = "auto",
     force: bool = False,
     max_shard_size: str | int = "2GB",
@@ -99,6 +116,9 @@ def convert(
         rope_dim: ``qk_rope_head_dim`` D (even, divides head_dim); default ``head_dim/2``.
         rope_stride: keep every ``stride``-th frequency (default ``head_dim/D``, which keeps θ).
         calibration: calibration text (file, JSONL, directory or dataset); ``None`` converts data-free.
+        calibration_samples: number of calibration sequences.
+        calibration_length: tokens per calibration sequence.
+        method: calibrated ingredients (default: all; see :class:`mha2mla.attention.Method`).
         dtype: ``auto`` (source's, bf16 for fp16 sources), ``float32`` or ``bfloat16``.
         force: replace an existing ``output``.
         max_shard_size: largest output shard, e.g. ``"2GB"``.
@@ -113,10 +133,17 @@ def convert(
     >>> convert(source="HuggingFaceTB/SmolLM2-135M", output="smollm2-mla", rank=96, rope_dim=32)  # doctest: +SKIP
     """
     t0 = time.time()
-    if calibration is not None:
-        raise Mha2mlaError("--calibration is not available yet in this version; convert data-free (omit --calibration)")
     src = load_source(source)
     plan = make_plan(source=src, rank=rank, rope_dim=rope_dim, rope_stride=rope_stride, dtype=dtype)
+    method = method or Method()
+    calibs, calib_info = None, None
+    if calibration is not None:
+        tokens = calibration_tokens(source=src, data=calibration, samples=calibration_samples, length=calibration_length)
+        calibs = calibrate(source=src, tokens=tokens, progress=progress)
+        calib_info = {"tokens": int(tokens.numel()), "samples": calibration_samples, "length": calibration_length,
+                      "seconds": round(time.time() - t0, 1), "method": asdict(method)}
+        if rope_stride is None and src.rope["rope_type"] == "default":
+            plan, calib_info["rope_stride_shares"] = _choose_stride(src, plan, calibs, method, rope_dim, dtype, rank)
     shard_bytes = parse_size(max_shard_size)
     compute = torch.float64 if plan.hidden <= FLOAT64_MAX_HIDDEN else torch.float32
     out_dt = plan.torch_dtype
@@ -138,7 +165,8 @@ def convert(
             _check_shapes(src, attn, i)
             gamma = rest["input_layernorm.weight"].to(compute)
             bound = math.sqrt(plan.hidden) * float(gamma.abs().max())
-            new, st = convert_attention(plan=plan, weights=attn, input_norm_bound=bound)
+            new, st = convert_attention(plan=plan, weights=attn, input_norm_bound=bound,
+                                        calib=None if calibs is None else calibs[i], method=method)
             stats.append(st)
             p = f"model.layers.{i}."
             for n, t in new.items():
@@ -159,7 +187,7 @@ def convert(
         record = write_record(tmp, source=src, plan=plan, stats=stats, config=config, weight_names=weight_names,
                               options={"rank": rank, "rope_dim": plan.rope_dim, "rope_stride": plan.rope_stride,
                                        "calibration": calibration, "dtype": plan.dtype, "max_shard_size": str(max_shard_size)},
-                              shards=names)
+                              shards=names, extra={"calibration": calib_info} if calib_info else None)
         write_model_card(tmp, record=record)
     src.close()
     return ConversionResult(output=os.fspath(output), plan=plan, layers=stats, record=record, seconds=time.time() - t0)

@@ -6,7 +6,7 @@ layout hard-coded, ``rms_norm_eps`` used for the latent norm (transformers alway
 ``>= first_k_dense_replace`` when ``n_routed_experts`` is set, and one KV head per query head.
 
 >>> portability_blockers({"model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 2,
-...                       "rms_norm_eps": 1e-5}, ["model.layers.0.self_attn.kv_b_proj.weight"])
+...                       "rms_norm_eps": 1e-5}, ["model.layers.0.self_attn.kv_b_proj.weight"])  # doctest: +ELLIPSIS
 ['rms_norm_eps is 1e-05, not 1e-06: transformers normalises the latent with eps 1e-6 but vLLM and SGLang use ...']
 """
 
