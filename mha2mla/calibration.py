@@ -29,12 +29,15 @@ class LayerCalibration:
         distance_hist: ``[n_heads, L]`` attention mass at query−key distance Δ.
         inv_freq: ``[head_dim/2]`` source rotary frequencies (with the source's rope scaling).
         x_sample: ``[S, L, hidden]`` attention inputs of a few sequences, to measure candidates on.
+        sigma_ctx: ``[n_kv, hidden, hidden]`` second moment of the attention-averaged inputs ``x̄ = Σ_n p_mn x_n``
+            seen by the value path, summed over the query heads of each KV group.
     """
 
     sigma: torch.Tensor
     distance_hist: torch.Tensor
     inv_freq: torch.Tensor
     x_sample: torch.Tensor
+    sigma_ctx: torch.Tensor | None = None
 
 
 def calibration_tokens(*, source: SourceModel, data: str, samples: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -88,8 +91,10 @@ def _rotary(source: SourceModel, config):
 
 
 @torch.no_grad()
-def _distance_hist(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int, hd: int) -> torch.Tensor:
-    """Attention mass per head at each distance Δ = m − n, summed over queries and sequences."""
+def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
+                     hd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mass per head at each distance Δ = m − n (summed over queries and sequences), and per KV group the
+    summed second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n``."""
     attn = layer.self_attn
     b, l, _ = x.shape
     q = attn.q_proj(x).view(b, l, n_heads, hd).transpose(1, 2)
@@ -108,7 +113,11 @@ def _distance_hist(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     hist = torch.zeros(n_heads, l, dtype=torch.float64)
     flat = (p * mask).sum(0).reshape(n_heads, -1).double()
     hist.scatter_add_(1, idx.reshape(1, -1).expand(n_heads, -1), flat)
-    return hist
+    xbar = (p @ x[:, None]).double()  # [B, H, L, hidden]
+    per_head = torch.einsum("bhli,bhlj->hij", xbar, xbar)
+    group = torch.arange(n_heads) // (n_heads // n_kv)
+    ctx = torch.zeros(n_kv, x.shape[-1], x.shape[-1], dtype=torch.float64).index_add_(0, group, per_head)
+    return hist, ctx
 
 
 @torch.no_grad()
@@ -131,19 +140,23 @@ def calibrate(*, source: SourceModel, tokens: torch.Tensor, sample_sequences: in
         layer = _decoder_layer(source, config, i, torch.float32)
         sigma = torch.zeros(source.hidden + 1, source.hidden + 1, dtype=torch.float64)
         hist = torch.zeros(nh, l, dtype=torch.float64)
+        ctx = torch.zeros(nkv, source.hidden, source.hidden, dtype=torch.float64)
         sample = []
         for s in range(0, n, batch):
             hb = h[s : s + batch]
             x = layer.input_layernorm(hb)
             xa = torch.cat((x, torch.ones(*x.shape[:-1], 1)), dim=-1).reshape(-1, source.hidden + 1).double()
             sigma += xa.T @ xa
-            hist += _distance_hist(layer, x, cos[:, None], sin[:, None], nh, nkv, hd)
+            dh, dc = _attention_stats(layer, x, cos[:, None], sin[:, None], nh, nkv, hd)
+            hist += dh
+            ctx += dc
             if sum(t.shape[0] for t in sample) < sample_sequences:
                 sample.append(x[: sample_sequences - sum(t.shape[0] for t in sample)].clone())
             h[s : s + batch] = layer(hb, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
         sigma /= n * l
         if not math.isfinite(float(sigma.diagonal().sum())):
             raise Mha2mlaError(f"layer {i}: calibration activations are not finite; the source overflows in float32 on this data")
-        out.append(LayerCalibration(sigma=sigma, distance_hist=hist, inv_freq=inv_freq, x_sample=torch.cat(sample)))
+        out.append(LayerCalibration(sigma=sigma, distance_hist=hist, inv_freq=inv_freq, x_sample=torch.cat(sample),
+                                    sigma_ctx=(ctx / (n * l)).float()))
         del layer
     return out
