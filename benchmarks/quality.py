@@ -16,6 +16,7 @@ writes every number to ``benchmarks/results/quality.json``.
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import os
 import shutil
@@ -83,6 +84,7 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TASKS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_assets = os.environ.get("MHA2MLA_ASSETS") or os.path.expanduser("~/.cache/mha2mla-assets")
     p.add_argument("--assets", default=default_assets,
@@ -93,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated RANK+ROPE_DIM (default {DEFAULT_BUDGETS})")
     p.add_argument("--limit", type=int, default=200, help="documents per task (default 200)")
     p.add_argument("--calibration", help="calibration text passed to mha2mla.convert (default: data-free)")
+    p.add_argument("--calibration-samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--method", default="", help="calibrated ingredients to switch, e.g. value_refit=0,balance_search=0 "
+                                                "(see mha2mla.attention.Method)")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks; empty for perplexity only")
+    p.add_argument("--label", default="", help="prefix for the budget labels in the table (e.g. the method name)")
     p.add_argument("--ppl-tokens", type=int, default=16384, help="perplexity tokens (default 16384)")
     p.add_argument("--ppl-ctx", type=int, default=1024, help="perplexity window (default 1024)")
     p.add_argument("--batch-size", default="8", help="lm-eval and perplexity batch size (default 8)")
@@ -107,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     import mha2mla
     from mha2mla.evaluate import evaluate
 
+    from mha2mla.attention import Method
+
+    TASKS = tuple(t for t in args.tasks.split(",") if t)
+    method_kw = {}
+    for item in filter(None, args.method.split(",")):
+        key, _, val = item.partition("=")
+        method_kw[key.strip()] = int(val) if key.strip() == "alternating" else val.strip() not in ("0", "false", "no")
+    method = Method(**method_kw)
     budgets = parse_budgets(args.budgets)
     assets = Path(args.assets)
     source = args.source or str(assets / "models" / "smollm2-135m")
@@ -137,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = [{"label": "source", "rank": None, "rope_dim": None, "kv_saved_pct": 0.0, **src}]
         records = []
         for i, (rank, rope) in enumerate(budgets, 1):
-            label = f"{rank}+{rope}"
+            label = f"{args.label}{rank}+{rope}"
             out = work / f"smollm2-mla-{rank}-{rope}"
             say(f"[{i}/{len(budgets)}] {label}: converting to {out} ...")
             conv = mha2mla.convert(source=source, output=str(out), rank=rank, rope_dim=rope, force=True,
-                                   calibration=args.calibration)
+                                   calibration=args.calibration, calibration_samples=args.calibration_samples,
+                                   calibration_length=args.calibration_length, method=method)
             say(f"[{i}/{len(budgets)}] {label}: converted in {conv.seconds:.0f}s; evaluating ...")
             result = evaluate(model=str(out), baseline=source, **eval_kw)
             s = summarize(result)
@@ -150,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"budget": label, "rank": rank, "rope_dim": rope, "convert_seconds": conv.seconds,
                             "summary": rows[-1], "eval": result})
             say(f"[{i}/{len(budgets)}] {label}: ppl {s['ppl']:.3f} (source {src['ppl']:.3f}), "
-                f"average acc {s['average_acc']:.4f} (source {src['average_acc']:.4f})")
+                f"ln(ppl/src) {math.log(s['ppl'] / src['ppl']):.3f}, average acc {s['average_acc']}")
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
     except mha2mla.Mha2mlaError as e:
@@ -162,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     print(render(rows))
     report = {
         "settings": {**{k: v for k, v in eval_kw.items() if k != "tasks"}, "tasks": list(TASKS), "source": source,
-                     "budgets": [f"{r}+{d}" for r, d in budgets], "calibration": args.calibration},
+                     "budgets": [f"{r}+{d}" for r, d in budgets], "calibration": args.calibration,
+                     "calibration_samples": args.calibration_samples, "calibration_length": args.calibration_length,
+                     "method": method_kw},
         "table": rows, "source_eval": base, "budgets": records,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

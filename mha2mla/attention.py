@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mha2mla.calibration import LayerCalibration
-from mha2mla.factorize import factorize_latent, linear_norm_scale, sqrtm_psd
+from mha2mla.factorize import factorize_latent, linear_norm_scale, refine_latent, sqrtm_psd
 from mha2mla.plan import TARGET_EPS, ConversionPlan
 from mha2mla.reference import mla_attention, relative_output_error, source_attention
 from mha2mla.rope import expected_rotation, key_planes, kept_frequencies, principal_mix, scale_planes, split_rope
@@ -91,6 +91,8 @@ class Method:
         output_weighted: keys weighted by the queries that read them, values by ``W_o``.
         balance_search: the key/value balance is chosen by measuring the layer's output on calibration inputs.
         value_refit: refit ``W_upV`` by least squares on the attention-averaged inputs that values really see.
+        alternating: rounds of alternating least squares for the shared latent projection when keys and values see
+            different input statistics (0: the weighted SVD alone).
     """
 
     expected_rotation: bool = False
@@ -99,6 +101,7 @@ class Method:
     output_weighted: bool = True
     balance_search: bool = True
     value_refit: bool = True
+    alternating: int = 0
 
 
 BALANCE_GRID = (1 / 16, 1 / 4, 1.0, 4.0, 16.0)
@@ -110,13 +113,15 @@ def _quadratic_planes(planes: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor
     return torch.einsum("fni,ij,fnj->fn", planes.conj(), s, planes).real
 
 
-def rope_need(*, q: torch.Tensor, calib: LayerCalibration, use_rho: bool) -> torch.Tensor:
-    """``[head_dim/2, n_heads]``: how much each query head's plane needs its rotation, ``E|q|²·(1 − |ρ|²)``."""
+def rope_need(*, q: torch.Tensor, calib: LayerCalibration) -> torch.Tensor:
+    """``[head_dim/2, n_heads]``: how much each query head's plane needs its rotation, ``E|q|²·(1 − |ρ|²)``.
+
+    ``ρ = E[e^{-iΔω}]`` over the head's attention distances: a slow frequency barely turns over the distances a head
+    looks at (|ρ|≈1) and loses little without RoPE; a fast one needs it.
+    """
     hd = q.shape[1]
     sig = calib.sigma if q.shape[-1] == calib.sigma.shape[0] else calib.sigma[:-1, :-1]
     eq = _quadratic_planes(key_planes(q, torch.arange(hd // 2)), sig)
-    if not use_rho:
-        return eq
     rho = expected_rotation(distance_hist=calib.distance_hist, inv_freq=calib.inv_freq)  # [n_heads, F]
     return eq * (1 - rho.abs().pow(2)).T.to(eq.dtype)
 
@@ -152,7 +157,7 @@ def convert_attention(
         gram = torch.einsum("fgi,ij,fhj->fgh", zk, sig_k.to(zk.dtype), zk.conj())
         weights_g = None
         if method.weighted_rope:
-            need = rope_need(q=q, calib=calib, use_rho=method.expected_rotation)[freqs]  # [F, n_heads]
+            need = rope_need(q=q, calib=calib)[freqs]  # [F, n_heads]
             weights_g = torch.zeros(len(freqs), n_kv, dtype=need.dtype).index_add_(1, group, need)
         w_mix, c_mix = principal_mix(planes, gram=gram, weights=weights_g)
         if method.expected_rotation:
@@ -178,10 +183,18 @@ def convert_attention(
             wo = weights.o.reshape(hidden, n_h, hd).transpose(0, 1)  # [n_h, hidden, hd]
             factor_kw["left_v"] = sqrtm_psd(torch.zeros(n_kv, hd, hd, dtype=wo.dtype).index_add_(0, group, wo.transpose(1, 2) @ wo))
 
-    def assemble(k_weight: float):
+    def assemble(k_weight: float, final: bool = True):
         latent = factorize_latent(k=k_rows, v=weights.v, rank=plan.rank, k_weight=k_weight, **factor_kw)
         if calib is not None and method.value_refit and calib.sigma_ctx is not None:
-            latent.up_v = refit_values(v=weights.v, down=latent.down, sigma_ctx=calib.sigma_ctx.to(k_rows.dtype))
+            sig_v = calib.sigma_ctx.to(k_rows.dtype)
+            if method.alternating > 0 and final:
+                lk, lv = factor_kw.get("left_k"), factor_kw.get("left_v")
+                latent.down, latent.up_k, latent.up_v = refine_latent(
+                    k=k_rows, v=weights.v, down=latent.down, sigma_k=calib.sigma[:-1, :-1].to(k_rows.dtype),
+                    sigma_v=sig_v, weight_k=None if lk is None else lk @ lk, weight_v=None if lv is None else lv @ lv,
+                    k_weight=k_weight, iters=method.alternating)
+            else:
+                latent.up_v = refit_values(v=weights.v, down=latent.down, sigma_ctx=sig_v)
         return _assemble(plan=plan, weights=weights, latent=latent, q_nope=q_nope, q_rope=q_rope, k_rope=k_rope,
                          group=group, input_norm_bound=input_norm_bound), latent
 
@@ -194,7 +207,7 @@ def convert_attention(
         angles = pos * calib.inv_freq.to(x.dtype)[freqs]
         best = None
         for g in BALANCE_GRID:
-            (tensors, _), _ = assemble(base * g)
+            (tensors, _), _ = assemble(base * g, final=False)  # the search ranks balances; ALS refines the winner
             err = relative_output_error(ref * plan.residual_scale, mla_attention(tensors=tensors, plan=plan, x=x, angles=angles))
             if best is None or err < best[0]:
                 best = (err, base * g)
@@ -241,7 +254,9 @@ def _balance_scale(k_rows: torch.Tensor, v_rows: torch.Tensor, factor_kw: dict) 
     if s is not None:
         kk, vv = kk @ s, vv @ s
     ek, ev = float(kk.pow(2).sum()), float(vv.pow(2).sum())
-    return ev / ek if ek > 0 and ev > 0 else 1.0
+    if ek <= 1e-20 * ev or ev <= 1e-20 * ek:  # one side is numerically empty (e.g. all of a key kept its RoPE)
+        return 1.0
+    return ev / ek
 
 
 def _assemble(*, plan: ConversionPlan, weights: AttentionWeights, latent, q_nope: torch.Tensor, q_rope: torch.Tensor,
@@ -299,7 +314,7 @@ def rope_frequency_scores(*, weights: AttentionWeights, calib: LayerCalibration,
     sig_k = calib.sigma if k.shape[-1] == hidden + 1 else calib.sigma[:-1, :-1]
     zk = key_planes(k, all_f)
     gram = torch.einsum("fgi,ij,fhj->fgh", zk, sig_k.to(zk.dtype), zk.conj())
-    need = rope_need(q=q, calib=calib, use_rho=method.expected_rotation)
+    need = rope_need(q=q, calib=calib)
     a = torch.zeros(len(all_f), n_kv, dtype=need.dtype).index_add_(1, group, need).clamp_min(0).sqrt().to(gram.dtype)
     weighted = a[..., :, None] * gram * a[..., None, :]
     return torch.linalg.eigvalsh(weighted)[..., -1].real

@@ -14,17 +14,21 @@ from mha2mla.cli import user_errors
 @click.option("--rope-dim", type=int, default=None, help="qk_rope_head_dim: rotary dims of the one shared rope key (even, divides head_dim). Default head_dim/2.")
 @click.option("--rope-stride", type=int, default=None, help="Keep every k-th source frequency (default head_dim/rope-dim, which keeps θ).")
 @click.option("--calibration", default=None, help="Calibration text: .txt/.jsonl file, directory, or hf:DATASET.")
+@click.option("--calibration-samples", type=int, default=64, show_default=True, help="Calibration sequences.")
+@click.option("--calibration-length", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True, help="Output dtype.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output safetensors shard.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def convert_cmd(source, output, rank, rope_dim, rope_stride, calibration, dtype, max_shard_size, force, quiet):
+def convert_cmd(source, output, rank, rope_dim, rope_stride, calibration, calibration_samples, calibration_length,
+                dtype, max_shard_size, force, quiet):
     """Convert SOURCE (HF directory, hub id or .gguf file) into a native DeepseekV3 MLA checkpoint."""
     from mha2mla.conversion import convert
 
     res = convert(source=source, output=output, rank=rank, rope_dim=rope_dim, rope_stride=rope_stride,
-                  calibration=calibration, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not quiet)
+                  calibration=calibration, calibration_samples=calibration_samples,
+                  calibration_length=calibration_length, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not quiet)
     kv = res.record["kv_cache"]
     port = res.record["portability"]
     click.echo(f"wrote {res.output} in {res.seconds:.1f} s")

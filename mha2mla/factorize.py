@@ -132,11 +132,13 @@ def factorize_latent(
     up_k = _blockwise_solve(left_k, u[: k.shape[0]]) / kw
     up_v = _blockwise_solve(left_v, u[k.shape[0] :])
 
+    scale = float(stack.norm())
+
     def rel(err_rows: torch.Tensor, ref: torch.Tensor) -> float:
         if input_sqrt_cov is not None:
             err_rows, ref = err_rows @ input_sqrt_cov, ref @ input_sqrt_cov
-        den = ref.norm()
-        return float(err_rows.norm() / den) if den > 0 else 0.0
+        den = float(ref.norm())
+        return float(err_rows.norm()) / den if den > 1e-12 * scale else 0.0  # an (numerically) empty block: no error
 
     approx = u @ down
     k_err = rel(kl - approx[: k.shape[0]], kl)
@@ -187,3 +189,78 @@ def linear_norm_scale(*, down: torch.Tensor, input_norm_bound: float, eps: float
     alpha_max = math.sqrt(2 * rel_error * eps / ms_bound)
     weight = 2.0 ** math.ceil(math.log2(math.sqrt(eps) / alpha_max))
     return math.sqrt(eps) / weight, weight
+
+
+def _fit_up(rows: torch.Tensor, down: torch.Tensor, sigma: torch.Tensor, ridge: float = 1e-9) -> torch.Tensor:
+    """Least-squares ``B = M Σ Aᵀ (A Σ Aᵀ)⁻¹`` (``sigma`` may be batched per block of rows)."""
+    a_s = down @ sigma
+    gram = a_s @ down.T
+    gram = gram + ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype)
+    return torch.linalg.solve(gram, (rows @ a_s.transpose(-1, -2)).transpose(-1, -2)).transpose(-1, -2)
+
+
+def refine_latent(
+    *, k: torch.Tensor, v: torch.Tensor, down: torch.Tensor, sigma_k: torch.Tensor, sigma_v: torch.Tensor,
+    weight_k: torch.Tensor | None = None, weight_v: torch.Tensor | None = None, k_weight: float = 1.0,
+    iters: int = 4, cg_iters: int = 40,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alternating least squares when keys and values see different input statistics.
+
+    Minimises ``k_weight·Σ_g ‖W_k,g^{½}(K_g − B_k,g A)Σ_k^{½}‖² + Σ_g ‖W_v,g^{½}(V_g − B_v,g A)Σ_v,g^{½}‖²``: keys see the
+    token inputs (``Σ_k``), values the attention-averaged ones (``Σ_v,g`` per KV group). Each round fits the
+    up-projections in closed form, then the shared ``A`` by conjugate gradients on
+    ``Σ_b P_b A Σ_b = Σ_b B_bᵀ W_b M_b Σ_b`` (``P_b = B_bᵀ W_b B_b``). Starts from ``down``; never increases the objective.
+
+    Args:
+        k: ``[n_kv·hd, in]``; v: ``[n_kv·hd, in]``; down: ``[R, in]`` initial latent projection.
+        sigma_k: ``[in, in]``; sigma_v: ``[n_kv, in, in]``.
+        weight_k, weight_v: ``[n_kv, hd, hd]`` PSD output weights (identity when None).
+
+    Returns:
+        ``(down, up_k, up_v)``.
+    """
+    n_kv = sigma_v.shape[0]
+    hd = k.shape[0] // n_kv
+    kg, vg = k.reshape(n_kv, hd, -1), v.reshape(n_kv, hd, -1)
+    eye = torch.eye(hd, dtype=k.dtype).expand(n_kv, hd, hd)
+    wk = (eye if weight_k is None else weight_k) * k_weight
+    wv = eye if weight_v is None else weight_v
+
+    def objective(a, bk, bv):
+        ek, ev = kg - bk @ a, vg - bv @ a
+        jk = torch.einsum("gai,gab,gbj,ij->", ek, wk, ek, sigma_k)
+        jv = torch.einsum("gai,gab,gbj,gij->", ev, wv, ev, sigma_v)
+        return float(jk + jv)
+
+    a = down
+    for _ in range(iters):
+        bk = _fit_up(kg, a, sigma_k)
+        bv = _fit_up(vg, a, sigma_v)
+        pk = bk.transpose(1, 2) @ wk @ bk  # [n_kv, R, R]
+        pv = bv.transpose(1, 2) @ wv @ bv
+        rhs = torch.einsum("gar,gab,gbi,ij->rj", bk, wk, kg, sigma_k) + torch.einsum("gar,gab,gbi,gij->rj", bv, wv, vg, sigma_v)
+        pk_sum = pk.sum(0)
+
+        def op(x):
+            return pk_sum @ x @ sigma_k + torch.einsum("grs,si,gij->rj", pv, x, sigma_v)
+
+        x = a.clone()
+        r = rhs - op(x)
+        p = r.clone()
+        rs = float((r * r).sum())
+        tol = 1e-12 * float((rhs * rhs).sum())
+        for _ in range(cg_iters):
+            if rs <= tol:
+                break
+            ap = op(p)
+            step = rs / float((p * ap).sum())
+            x = x + step * p
+            r = r - step * ap
+            rs_new = float((r * r).sum())
+            p = r + (rs_new / rs) * p
+            rs = rs_new
+        if objective(x, bk, bv) <= objective(a, bk, bv):
+            a = x
+    bk = _fit_up(kg, a, sigma_k)
+    bv = _fit_up(vg, a, sigma_v)
+    return a, bk.reshape(n_kv * hd, -1), bv.reshape(n_kv * hd, -1)

@@ -19,6 +19,27 @@ def _randomize(model: torch.nn.Module, seed: int, std: float = 0.15) -> None:
                 p.copy_(std * torch.randn(p.shape, generator=g))
 
 
+CORPUS = (
+    "the cat sat on the mat and the dog sat on the log while the bird sang in the tree . "
+    "a quick brown fox jumps over the lazy dog near the river bank in the morning light . "
+    "rain fell on the old town and people walked home under grey skies with their coats . "
+    "numbers like one two three four five six seven eight nine ten count the days of work . "
+)
+
+
+def build_tokenizer(path) -> None:
+    """A word-level tokenizer over :data:`CORPUS` (ids < 64), saved to ``path``; no network needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(CORPUS.split()))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+
+
 def build_source(path, *, arch: str = "llama", n_heads: int = 4, n_kv: int = 1, head_dim: int = 16, hidden: int = 64,
                  layers: int = 2, vocab: int = 97, eps: float = 1e-5, tied: bool = True, seed: int = 0,
                  max_shard_size: str | None = None, dtype=torch.float32, **extra) -> str:
@@ -43,6 +64,7 @@ def build_source(path, *, arch: str = "llama", n_heads: int = 4, n_kv: int = 1, 
         model.save_pretrained(path, max_shard_size=max_shard_size)
     else:
         model.save_pretrained(path)
+    build_tokenizer(path)
     return str(path)
 
 

@@ -1,0 +1,126 @@
+"""Calibrated conversion: layer-by-layer statistics, the math pieces, and quality over data-free."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import CORPUS
+
+import mha2mla
+from mha2mla.attention import Method
+from mha2mla.calibration import calibrate, calibration_tokens
+from mha2mla.factorize import factorize_latent, refine_latent, sqrtm_psd
+from mha2mla.source import load_source
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(CORPUS * 40)
+    return str(path)
+
+
+def test_layer_by_layer_statistics_match_the_full_model(tiny_source, corpus):
+    from transformers import AutoModelForCausalLM
+
+    src_dir = tiny_source(n_kv=2, layers=3)
+    src = load_source(src_dir)
+    tokens = calibration_tokens(source=src, data=corpus, samples=4, length=32)
+    stats = calibrate(source=src, tokens=tokens, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+    for i, layer in enumerate(model.model.layers):
+        x = layer.input_layernorm(hidden[i]).reshape(-1, 64).double()
+        want = x.T @ x / x.shape[0]
+        assert torch.allclose(stats[i].sigma[:-1, :-1], want, rtol=1e-4, atol=1e-6), i
+        assert stats[i].distance_hist.sum().item() == pytest.approx(4 * 32 * 4, rel=1e-6)  # heads·queries·seqs
+
+
+def test_calibration_errors(tiny_source, tmp_path):
+    src = load_source(tiny_source())
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(mha2mla.Mha2mlaError, match="empty"):
+        calibration_tokens(source=src, data=str(empty), samples=2, length=16)
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat")
+    with pytest.raises(mha2mla.Mha2mlaError, match="fewer than one block|fewer than --calibration-samples"):
+        calibration_tokens(source=src, data=str(short), samples=2, length=16)
+
+
+def _held_out_error(src_dir: str, out: str) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src_dir)
+    ids = torch.tensor([tok(CORPUS * 2)["input_ids"][7:71]])
+    outs = []
+    for path in (src_dir, out):
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            outs.append(m(ids).logits)
+    return ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+
+
+def test_calibrated_conversion_beats_data_free(tiny_source, tmp_path, corpus):
+    src = tiny_source(n_kv=2, head_dim=16, seed=7)
+    free = mha2mla.convert(source=src, output=str(tmp_path / "free"), rank=12, rope_dim=8, progress=False)
+    cal = mha2mla.convert(source=src, output=str(tmp_path / "cal"), rank=12, rope_dim=8, progress=False,
+                          calibration=corpus, calibration_samples=8, calibration_length=32)
+    assert cal.record["calibration"]["tokens"] == 8 * 32
+    assert all(layer["attention_output_rel_error"] is not None for layer in cal.record["layers"])
+    e_free = _held_out_error(src, str(tmp_path / "free"))
+    e_cal = _held_out_error(src, str(tmp_path / "cal"))
+    assert e_cal < e_free, (e_cal, e_free)
+
+
+def test_calibrated_mqa_full_rank_stays_exact(tiny_source, tmp_path, corpus):
+    src = tiny_source(n_kv=1, head_dim=16)
+    mha2mla.convert(source=src, output=str(tmp_path / "cal"), rank=16, rope_dim=16, progress=False, dtype="float32",
+                    calibration=corpus, calibration_samples=4, calibration_length=32)
+    assert _held_out_error(src, str(tmp_path / "cal")) < 1e-5
+
+
+def test_weighted_factorisation_is_optimal_in_its_norm():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(16, 24, generator=g, dtype=torch.float64), torch.randn(16, 24, generator=g, dtype=torch.float64)
+    a = torch.randn(24, 24, generator=g, dtype=torch.float64)
+    s = sqrtm_psd(a @ a.T / 24)
+    errs = [factorize_latent(k=k, v=v, rank=r, input_sqrt_cov=s) for r in (4, 8, 16, 24)]
+    weighted = [math.hypot(f.k_rel_error * (k @ s).norm(), f.v_rel_error * (v @ s).norm()) for f in errs]
+    assert weighted == sorted(weighted, reverse=True) and weighted[-1] < 1e-8
+    # The weighted SVD beats the plain one in the weighted norm.
+    plain = factorize_latent(k=k, v=v, rank=8)
+    stack = torch.cat((k, v)) @ s
+    plain_err = (stack - torch.cat((plain.up_k, plain.up_v)) @ plain.down @ s).norm()
+    assert weighted[1] < plain_err
+
+
+def test_alternating_refinement_never_increases_the_objective():
+    g = torch.Generator().manual_seed(1)
+    n_kv, hd, d, r = 2, 4, 12, 5
+    k, v = torch.randn(n_kv * hd, d, generator=g, dtype=torch.float64), torch.randn(n_kv * hd, d, generator=g, dtype=torch.float64)
+    def psd(n):
+        m = torch.randn(n, n, generator=g, dtype=torch.float64)
+        return m @ m.T / n
+    sk, sv = psd(d), torch.stack([psd(d) for _ in range(n_kv)])
+    start = factorize_latent(k=k, v=v, rank=r, input_sqrt_cov=sqrtm_psd(sk)).down
+
+    def objective(a, bk, bv):
+        ek, ev = (k - bk @ a).reshape(n_kv, hd, d), (v - bv @ a).reshape(n_kv, hd, d)
+        return float(torch.einsum("gai,ij,gaj->", ek, sk, ek) + torch.einsum("gai,gij,gaj->", ev, sv, ev))
+
+    _, bk0, bv0 = refine_latent(k=k, v=v, down=start, sigma_k=sk, sigma_v=sv, iters=0)
+    a1, bk1, bv1 = refine_latent(k=k, v=v, down=start, sigma_k=sk, sigma_v=sv, iters=6)
+    assert objective(a1, bk1, bv1) <= objective(start, bk0, bv0) + 1e-9
+
+
+def test_method_ablation_switches_are_respected(tiny_source, tmp_path, corpus):
+    src = tiny_source(n_kv=2, head_dim=16, seed=2)
+    res = mha2mla.convert(source=src, output=str(tmp_path / "a"), rank=12, rope_dim=8, progress=False,
+                          calibration=corpus, calibration_samples=4, calibration_length=32,
+                          method=Method(balance_search=False, value_refit=False))
+    assert res.record["calibration"]["method"]["balance_search"] is False
+    assert all(layer["attention_output_rel_error"] is None for layer in res.record["layers"])
