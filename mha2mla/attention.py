@@ -60,6 +60,7 @@ class LayerStats:
     singular_values: list = field(default_factory=list)
     key_weight: float = 1.0
     output_rel_error: float | None = None
+    seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -71,6 +72,7 @@ class LayerStats:
             "q_bias_residual": self.q_bias_residual,
             "key_weight": self.key_weight,
             "attention_output_rel_error": self.output_rel_error,
+            "seconds": round(self.seconds, 3),
         }
 
 

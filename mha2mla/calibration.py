@@ -113,8 +113,8 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     hist = torch.zeros(n_heads, l, dtype=torch.float64)
     flat = (p * mask).sum(0).reshape(n_heads, -1).double()
     hist.scatter_add_(1, idx.reshape(1, -1).expand(n_heads, -1), flat)
-    xbar = (p @ x[:, None]).double()  # [B, H, L, hidden]
-    per_head = torch.einsum("bhli,bhlj->hij", xbar, xbar)
+    xbar = (p @ x[:, None]).transpose(0, 1).reshape(n_heads, b * l, -1)  # [H, B·L, hidden], float32 matmuls
+    per_head = (xbar.transpose(1, 2) @ xbar).double()
     group = torch.arange(n_heads) // (n_heads // n_kv)
     ctx = torch.zeros(n_kv, x.shape[-1], x.shape[-1], dtype=torch.float64).index_add_(0, group, per_head)
     return hist, ctx

@@ -104,7 +104,7 @@ def convert(
     method: Method | None = None,
     dtype: str = "auto",
     force: bool = False,
-    max_shard_size: str | int = "2GB",
+    max_shard_size: str | int = "1GB",
     progress: bool = True,
 ) -> ConversionResult:
     """Convert a Llama/Mistral/Qwen2 checkpoint into a native ``DeepseekV3ForCausalLM`` MLA checkpoint.
@@ -121,7 +121,7 @@ def convert(
         method: calibrated ingredients (default: all; see :class:`mha2mla.attention.Method`).
         dtype: ``auto`` (source's, bf16 for fp16 sources), ``float32`` or ``bfloat16``.
         force: replace an existing ``output``.
-        max_shard_size: largest output shard, e.g. ``"2GB"``.
+        max_shard_size: largest output shard, e.g. ``"1GB"`` (one shard is buffered in memory).
         progress: show a progress bar per layer.
 
     Returns:
@@ -161,6 +161,7 @@ def convert(
         writer.add("model.norm.weight", src.get("model.norm.weight").to(out_dt))
         bar = tqdm(range(plan.n_layers), desc="converting layers", unit="layer", disable=not progress)
         for i in bar:
+            t_layer = time.time()
             attn, rest = _layer_tensors(src, i, compute)
             _check_shapes(src, attn, i)
             gamma = rest["input_layernorm.weight"].to(compute)
@@ -174,6 +175,7 @@ def convert(
             for n, t in rest.items():
                 t = (t.to(compute) * s) if n == "mlp.down_proj.weight" else t
                 writer.add(p + n, t.to(out_dt))
+            st.seconds = time.time() - t_layer
             bar.set_postfix(k_err=f"{st.k_rel_error:.3f}", v_err=f"{st.v_rel_error:.3f}")
             del attn, rest, new
         names = writer.close()
