@@ -10,7 +10,8 @@ from mha2mla.cli import user_errors
 @click.command("convert")
 @click.argument("source")
 @click.option("--output", "-o", required=True, help="Directory to create (written to a temporary sibling, renamed at the end).")
-@click.option("--rank", "-r", type=int, required=True, help="kv_lora_rank: size of the cached latent per token and layer.")
+@click.option("--rank", "-r", type=int, default=None, help="kv_lora_rank: size of the cached latent per token and layer.")
+@click.option("--kv-budget", type=int, default=None, help="Instead of --rank/--rope-dim: cached values per token per layer; the split is measured on --calibration data.")
 @click.option("--rope-dim", type=int, default=None, help="qk_rope_head_dim: rotary dims of the one shared rope key (even, divides head_dim). Default head_dim/2.")
 @click.option("--rope-stride", type=int, default=None, help="Keep every k-th source frequency (default head_dim/rope-dim, which keeps θ; with --calibration it is chosen from the data).")
 @click.option("--calibration", default=None, help="Calibration text: .txt/.jsonl file, directory, or hf:DATASET.")
@@ -18,20 +19,25 @@ from mha2mla.cli import user_errors
 @click.option("--calibration-length", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True, help="Output dtype.")
 @click.option("--max-shard-size", default="1GB", show_default=True, help="Largest output safetensors shard (the writer buffers one shard).")
+@click.option("--report", is_flag=True, help="Also write mha2mla-report.png (error per layer, energy vs rank).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def convert_cmd(source, output, rank, rope_dim, rope_stride, calibration, calibration_samples, calibration_length,
-                dtype, max_shard_size, force, quiet):
+def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, calibration, calibration_samples, calibration_length,
+                dtype, max_shard_size, report, force, quiet):
     """Convert SOURCE (HF directory, hub id or .gguf file) into a native DeepseekV3 MLA checkpoint."""
     from mha2mla.conversion import convert
 
-    res = convert(source=source, output=output, rank=rank, rope_dim=rope_dim, rope_stride=rope_stride,
+    res = convert(source=source, output=output, rank=rank, kv_budget=kv_budget, rope_dim=rope_dim, rope_stride=rope_stride,
                   calibration=calibration, calibration_samples=calibration_samples,
-                  calibration_length=calibration_length, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not quiet)
+                  calibration_length=calibration_length, dtype=dtype, force=force, max_shard_size=max_shard_size, report=report, progress=not quiet)
     kv = res.record["kv_cache"]
     port = res.record["portability"]
     click.echo(f"wrote {res.output} in {res.seconds:.1f} s")
+    budget = (res.record.get("calibration") or {}).get("kv_budget")
+    if budget:
+        click.echo(f"--kv-budget {budget['budget']}: chose {budget['chosen']} ({budget['why']}; "
+                   f"measured {budget['mean_attention_output_rel_error']})")
     click.echo(f"KV cache per token per layer: {kv['source_values_per_token_per_layer']} -> "
                f"{kv['mla_values_per_token_per_layer']} values ({kv['saving'] * 100:.1f} % saved)")
     click.echo(f"mean relative error: keys {res.record['mean_k_rel_error']:.4f}, values {res.record['mean_v_rel_error']:.4f}")

@@ -78,6 +78,41 @@ def _choose_stride(src, plan, calibs, method, rope_dim, dtype, rank):
     return make_plan(source=src, rank=rank, rope_dim=rope_dim, rope_stride=stride, dtype=dtype), shares
 
 
+def _budget_candidates(src: SourceModel, budget: int) -> tuple[int, list[int]]:
+    """Rope dims worth trying for a KV budget: even divisors of head_dim from head_dim/8 up, leaving a valid rank."""
+    hd = src.head_dim
+    max_rank = min(2 * src.n_kv * hd, src.hidden)
+    dims = [d for d in range(2, hd + 1, 2) if hd % d == 0 and d >= max(2, hd // 8) and 1 <= budget - d <= max_rank]
+    if not dims:
+        raise Mha2mlaError(f"--kv-budget {budget} leaves no valid split for head_dim {hd} (rank must be in 1..{max_rank}); "
+                           f"try a budget between {hd // 8 + 1} and {max_rank + hd}")
+    return dims[len(dims) // 2], dims
+
+
+def _choose_split(src, calibs, method, budget, dims, rope_stride, dtype):
+    """Measure each rope dim's mean attention-output error on a few layers; keep the best split of the budget."""
+    compute = torch.float64 if src.hidden <= FLOAT64_MAX_HIDDEN else torch.float32
+    layers = sorted(set(range(0, src.n_layers, max(1, src.n_layers // 6))))
+    probe = Method(**{**asdict(method), "balance_search": True, "alternating": 0})
+    errors = {}
+    for d in dims:
+        plan = make_plan(source=src, rank=budget - d, rope_dim=d, rope_stride=rope_stride, dtype=dtype)
+        if rope_stride is None and src.rope["rope_type"] == "default":
+            plan, _ = _choose_stride(src, plan, calibs, method, d, dtype, budget - d)
+        errs = []
+        for i in layers:
+            attn, rest = _layer_tensors(src, i, compute)
+            bound = math.sqrt(plan.hidden) * float(rest["input_layernorm.weight"].abs().max())
+            _, st = convert_attention(plan=plan, weights=attn, input_norm_bound=bound, calib=calibs[i], method=probe)
+            errs.append(st.output_rel_error)
+        errors[d] = (sum(errs) / len(errs), plan)
+    best = min(errors, key=lambda d: errors[d][0])
+    info = {"budget": budget, "chosen": f"{budget - best}+{best}", "probe_layers": layers,
+            "mean_attention_output_rel_error": {f"{budget - d}+{d}": round(e, 5) for d, (e, _) in errors.items()},
+            "why": f"{budget - best}+{best} had the lowest mean attention-output error on the calibration data"}
+    return errors[best][1], info
+
+
 def _copy_side_files(src: SourceModel, out: str) -> None:
     if src.path is not None:
         for n in TOKENIZER_FILES:
@@ -95,8 +130,9 @@ def convert(
     *,
     source: str | os.PathLike,
     output: str | os.PathLike,
-    rank: int,
+    rank: int | None = None,
     rope_dim: int | None = None,
+    kv_budget: int | None = None,
     rope_stride: int | None = None,
     calibration: str | None = None,
     calibration_samples: int = 64,
@@ -105,6 +141,7 @@ def convert(
     dtype: str = "auto",
     force: bool = False,
     max_shard_size: str | int = "1GB",
+    report: bool = False,
     progress: bool = True,
 ) -> ConversionResult:
     """Convert a Llama/Mistral/Qwen2 checkpoint into a native ``DeepseekV3ForCausalLM`` MLA checkpoint.
@@ -114,6 +151,8 @@ def convert(
         output: directory to create (written to a temporary sibling and renamed at the end).
         rank: ``kv_lora_rank``, the latent size R.
         rope_dim: ``qk_rope_head_dim`` D (even, divides head_dim); default ``head_dim/2``.
+        kv_budget: instead of ``rank``/``rope_dim``: cached values per token per layer ``R + D``; the split is chosen by
+            measuring the attention-output error on the calibration data (needs ``calibration``).
         rope_stride: keep every ``stride``-th frequency (default ``head_dim/D``, which keeps θ).
         calibration: calibration text (file, JSONL, directory or dataset); ``None`` converts data-free.
         calibration_samples: number of calibration sequences.
@@ -122,6 +161,7 @@ def convert(
         dtype: ``auto`` (source's, bf16 for fp16 sources), ``float32`` or ``bfloat16``.
         force: replace an existing ``output``.
         max_shard_size: largest output shard, e.g. ``"1GB"`` (one shard is buffered in memory).
+        report: also write ``mha2mla-report.png`` (error per layer, energy vs rank) next to the weights.
         progress: show a progress bar per layer.
 
     Returns:
@@ -133,7 +173,18 @@ def convert(
     >>> convert(source="HuggingFaceTB/SmolLM2-135M", output="smollm2-mla", rank=96, rope_dim=32)  # doctest: +SKIP
     """
     t0 = time.time()
+    if (rank is None) == (kv_budget is None):
+        raise Mha2mlaError("give either --rank (with --rope-dim) or --kv-budget, not both or neither")
+    if kv_budget is not None and calibration is None:
+        raise Mha2mlaError("--kv-budget chooses the rank/rope split by measuring on calibration data: add --calibration, "
+                           "or give --rank and --rope-dim")
+    if kv_budget is not None and rope_dim is not None:
+        raise Mha2mlaError("--kv-budget chooses --rope-dim itself; drop --rope-dim (or use --rank)")
     src = load_source(source)
+    budget_info = None
+    if kv_budget is not None:
+        rope_dim, budget_info = _budget_candidates(src, kv_budget)
+        rank = kv_budget - rope_dim
     plan = make_plan(source=src, rank=rank, rope_dim=rope_dim, rope_stride=rope_stride, dtype=dtype)
     method = method or Method()
     calibs, calib_info = None, None
@@ -142,7 +193,10 @@ def convert(
         calibs = calibrate(source=src, tokens=tokens, progress=progress)
         calib_info = {"tokens": int(tokens.numel()), "samples": calibration_samples, "length": calibration_length,
                       "seconds": round(time.time() - t0, 1), "method": asdict(method)}
-        if rope_stride is None and src.rope["rope_type"] == "default":
+        if budget_info is not None:
+            plan, calib_info["kv_budget"] = _choose_split(src, calibs, method, kv_budget, budget_info, rope_stride, dtype)
+            rank, rope_dim = plan.rank, plan.rope_dim
+        elif rope_stride is None and src.rope["rope_type"] == "default":
             plan, calib_info["rope_stride_shares"] = _choose_stride(src, plan, calibs, method, rope_dim, dtype, rank)
     shard_bytes = parse_size(max_shard_size)
     compute = torch.float64 if plan.hidden <= FLOAT64_MAX_HIDDEN else torch.float32
@@ -187,9 +241,13 @@ def convert(
         with open(os.path.join(tmp, "model.safetensors.index.json")) as f:
             weight_names = list(json.load(f)["weight_map"])
         record = write_record(tmp, source=src, plan=plan, stats=stats, config=config, weight_names=weight_names,
-                              options={"rank": rank, "rope_dim": plan.rope_dim, "rope_stride": plan.rope_stride,
+                              options={"rank": plan.rank, "kv_budget": kv_budget, "rope_dim": plan.rope_dim, "rope_stride": plan.rope_stride,
                                        "calibration": calibration, "dtype": plan.dtype, "max_shard_size": str(max_shard_size)},
                               shards=names, extra={"calibration": calib_info} if calib_info else None)
         write_model_card(tmp, record=record)
+        if report:
+            from mha2mla.report import write_report
+
+            write_report(tmp, stats=stats, rank=plan.rank)
     src.close()
     return ConversionResult(output=os.fspath(output), plan=plan, layers=stats, record=record, seconds=time.time() - t0)

@@ -124,3 +124,18 @@ def test_method_ablation_switches_are_respected(tiny_source, tmp_path, corpus):
                           method=Method(balance_search=False, value_refit=False))
     assert res.record["calibration"]["method"]["balance_search"] is False
     assert all(layer["attention_output_rel_error"] is None for layer in res.record["layers"])
+
+
+def test_kv_budget_chooses_a_split_by_measurement(tiny_source, tmp_path, corpus):
+    src = tiny_source(n_kv=2, head_dim=16, seed=4)
+    res = mha2mla.convert(source=src, output=str(tmp_path / "b"), kv_budget=24, progress=False, report=True,
+                          calibration=corpus, calibration_samples=4, calibration_length=32)
+    info = res.record["calibration"]["kv_budget"]
+    assert res.plan.rank + res.plan.rope_dim == 24
+    errors = info["mean_attention_output_rel_error"]
+    assert info["chosen"] == min(errors, key=errors.get) and len(errors) >= 2
+    assert (tmp_path / "b" / "mha2mla-report.png").stat().st_size > 1000
+    with pytest.raises(mha2mla.Mha2mlaError, match="--kv-budget chooses the rank/rope split"):
+        mha2mla.convert(source=src, output=str(tmp_path / "c"), kv_budget=24)
+    with pytest.raises(mha2mla.Mha2mlaError, match="either --rank"):
+        mha2mla.convert(source=src, output=str(tmp_path / "c"), rank=8, kv_budget=24, calibration=corpus)
