@@ -40,8 +40,8 @@ class LayerCalibration:
     sigma_ctx: torch.Tensor | None = None
 
 
-def calibration_tokens(*, source: SourceModel, data: str, samples: int, length: int, seed: int = 0) -> torch.Tensor:
-    """Tokenise calibration text with the source's tokenizer into ``[samples, length]`` blocks."""
+def calibration_tokens(*, source: SourceModel, data: str | list[str], samples: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Tokenise calibration text (a data spec, or a list of documents) into ``[samples, length]`` blocks."""
     from transformers import AutoTokenizer
 
     if samples <= 0 or length < 16:
@@ -50,7 +50,9 @@ def calibration_tokens(*, source: SourceModel, data: str, samples: int, length: 
         tok = AutoTokenizer.from_pretrained(source.gguf[0], gguf_file=source.gguf[1])
     else:
         tok = AutoTokenizer.from_pretrained(source.path)
-    texts = load_texts(data)
+    texts = load_texts(data) if isinstance(data, str) else [t for t in data if t.strip()]
+    if not texts:
+        raise Mha2mlaError("calibration data is empty: no text found")
     tokens = pack_tokens(tok, texts, max_tokens=samples * length * 4)
     blocks = token_blocks(tokens, seq_len=length, seed=seed)
     if blocks.shape[0] < samples:

@@ -134,7 +134,7 @@ def convert(
     rope_dim: int | None = None,
     kv_budget: int | None = None,
     rope_stride: int | None = None,
-    calibration: str | None = None,
+    calibration: str | list[str] | None = None,
     calibration_samples: int = 64,
     calibration_length: int = 256,
     method: Method | None = None,
@@ -154,7 +154,8 @@ def convert(
         kv_budget: instead of ``rank``/``rope_dim``: cached values per token per layer ``R + D``; the split is chosen by
             measuring the attention-output error on the calibration data (needs ``calibration``).
         rope_stride: keep every ``stride``-th frequency (default ``head_dim/D``, which keeps θ).
-        calibration: calibration text (file, JSONL, directory or dataset); ``None`` converts data-free.
+        calibration: calibration text (file, JSONL, directory, dataset, or a list of documents); ``None`` converts
+            data-free.
         calibration_samples: number of calibration sequences.
         calibration_length: tokens per calibration sequence.
         method: calibrated ingredients (default: all; see :class:`mha2mla.attention.Method`).
@@ -242,7 +243,7 @@ def convert(
             weight_names = list(json.load(f)["weight_map"])
         record = write_record(tmp, source=src, plan=plan, stats=stats, config=config, weight_names=weight_names,
                               options={"rank": plan.rank, "kv_budget": kv_budget, "rope_dim": plan.rope_dim, "rope_stride": plan.rope_stride,
-                                       "calibration": calibration, "dtype": plan.dtype, "max_shard_size": str(max_shard_size)},
+                                       "calibration": calibration if isinstance(calibration, (str, type(None))) else f"{len(calibration)} documents", "dtype": plan.dtype, "max_shard_size": str(max_shard_size)},
                               shards=names, extra={"calibration": calib_info} if calib_info else None)
         write_model_card(tmp, record=record)
         if report:

