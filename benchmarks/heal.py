@@ -50,6 +50,7 @@ def _args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=16384, help="Test tokens for perplexity.")
     p.add_argument("--eval-ctx", type=int, default=512)
     p.add_argument("--ablation-steps", type=int, default=10, help="0 skips the no-rescale ablation.")
+    p.add_argument("--calibration", default=None, help="calibration text for the conversion (default: data-free)")
     p.add_argument("--rank", type=int, default=96)
     p.add_argument("--rope-dim", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
     t = time.time()
     if not (args.reuse and (mla / "config.json").exists()):
         mha2mla.convert(source=args.source, output=str(mla), rank=args.rank, rope_dim=args.rope_dim, force=True,
-                        progress=False)
+                        progress=False, calibration=args.calibration)
     times["convert"] = round(time.time() - t, 1)
     conv_record = json.loads((mla / "mha2mla.json").read_text())
 

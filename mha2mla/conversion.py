@@ -113,12 +113,28 @@ def _choose_split(src, calibs, method, budget, dims, rope_stride, dtype):
     return errors[best][1], info
 
 
+def _drop_auto_map(path: str) -> None:
+    """Remove ``auto_map`` (a pointer to remote code, which is never copied) from a copied JSON config."""
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    if isinstance(cfg, dict) and cfg.pop("auto_map", None) is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2)
+            f.write("\n")
+
+
 def _copy_side_files(src: SourceModel, out: str) -> None:
     if src.path is not None:
         for n in TOKENIZER_FILES:
             f = os.path.join(src.path, n)
             if os.path.isfile(f):
                 shutil.copyfile(f, os.path.join(out, n))
+        _drop_auto_map(os.path.join(out, "tokenizer_config.json"))
     elif src.gguf is not None:
         from transformers import AutoTokenizer
 

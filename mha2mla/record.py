@@ -66,6 +66,8 @@ def write_record(directory: str, *, source: SourceModel, plan: ConversionPlan, s
         },
         "shards": shards,
     }
+    if source.config.get("auto_map"):  # custom code the source points at: never imported, never copied
+        record["source"]["ignored_auto_map"] = source.config["auto_map"]
     if extra:
         record.update(extra)
     with open(os.path.join(directory, RECORD_NAME), "w") as f:

@@ -86,15 +86,22 @@ class SourceModel:
             if shard is None:
                 raise Mha2mlaError(f"source {self.name} has no tensor {name!r}; the checkpoint is incomplete")
             try:
-                h = self._handles.get(shard)
-                if h is None:
-                    h = self._handles[shard] = safe_open(shard, framework="pt")
-                t = h.get_tensor(name)
+                t = self._read(shard, name)
             except Exception as e:  # truncated/corrupt shard
-                raise Mha2mlaError(f"cannot read tensor {name!r} from {shard}: {str(e).splitlines()[0][:160]} (truncated or corrupt shard?)") from None
+                try:  # a Ctrl-C/SIGTERM inside safetensors' reader can surface as an unrelated ValueError
+                    self._read(shard, name)
+                except Exception:
+                    raise Mha2mlaError(f"cannot read tensor {name!r} from {shard}: {str(e).splitlines()[0][:160]} (truncated or corrupt shard?)") from None
+                raise KeyboardInterrupt from None  # the shard reads fine: the failed read was interrupted
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise Mha2mlaError(f"source tensor {name!r} contains NaN or Inf values; refusing to convert a broken checkpoint")
         return t
+
+    def _read(self, shard: str, name: str) -> torch.Tensor:
+        h = self._handles.get(shard)
+        if h is None:
+            h = self._handles[shard] = safe_open(shard, framework="pt")
+        return h.get_tensor(name)
 
     def close(self) -> None:
         self._handles.clear()

@@ -104,10 +104,10 @@ def atomic_output_dir(output: str, *, force: bool = False, protect: tuple[str, .
         raise Mha2mlaError(f"cannot create {parent} ({e.strerror})") from None
     _remove_stale(parent, base)
     tmp = os.path.join(parent, f".{base}{_TMP_TAG}{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
-        with _terminate_as_interrupt():
+        with _terminate_as_interrupt():  # before tmp exists: a signal in between must not leave it behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
             yield tmp
             if os.path.isdir(out):
                 old = os.path.join(parent, f".{base}{_TMP_TAG}{os.getpid()}-old")
