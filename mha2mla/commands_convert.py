@@ -18,7 +18,7 @@ from mha2mla.cli import user_errors
 @click.option("--calibration-samples", type=int, default=64, show_default=True, help="Calibration sequences.")
 @click.option("--calibration-length", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True, help="Output dtype.")
-@click.option("--max-shard-size", default="1GB", show_default=True, help="Largest output safetensors shard (the writer buffers one shard).")
+@click.option("--max-shard-size", default="500MB", show_default=True, help="Largest output safetensors shard (the writer buffers one shard in memory).")
 @click.option("--report", is_flag=True, help="Also write mha2mla-report.png (error per layer, energy vs rank).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

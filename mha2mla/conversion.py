@@ -113,6 +113,14 @@ def _choose_split(src, calibs, method, budget, dims, rope_stride, dtype):
     return errors[best][1], info
 
 
+def _scaled(t: torch.Tensor, scale: float, out_dt: torch.dtype) -> torch.Tensor:
+    """``t·scale`` rounded once to ``out_dt`` without a float64/float32 copy of a large tensor (scalar ops on bf16
+    compute in float32 internally, so this equals rounding the exact product)."""
+    if scale == 1.0:
+        return t.to(out_dt)
+    return (t * scale).to(out_dt) if t.dtype in (out_dt, torch.float32, torch.float64) else (t.float() * scale).to(out_dt)
+
+
 def _drop_auto_map(path: str) -> None:
     """Remove ``auto_map`` (a pointer to remote code, which is never copied) from a copied JSON config."""
     if not os.path.isfile(path):
@@ -156,7 +164,7 @@ def convert(
     method: Method | None = None,
     dtype: str = "auto",
     force: bool = False,
-    max_shard_size: str | int = "1GB",
+    max_shard_size: str | int = "500MB",
     report: bool = False,
     progress: bool = True,
 ) -> ConversionResult:
@@ -177,7 +185,7 @@ def convert(
         method: calibrated ingredients (default: all; see :class:`mha2mla.attention.Method`).
         dtype: ``auto`` (source's, bf16 for fp16 sources), ``float32`` or ``bfloat16``.
         force: replace an existing ``output``.
-        max_shard_size: largest output shard, e.g. ``"1GB"`` (one shard is buffered in memory).
+        max_shard_size: largest output shard, e.g. ``"500MB"`` (one shard is buffered, and copied once while it is written).
         report: also write ``mha2mla-report.png`` (error per layer, energy vs rank) next to the weights.
         progress: show a progress bar per layer.
 
@@ -224,7 +232,7 @@ def convert(
     with atomic_output_dir(os.fspath(output), force=force, protect=protect) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes=shard_bytes)
         embed = src.get("model.embed_tokens.weight")
-        writer.add("model.embed_tokens.weight", (embed.to(compute) * s).to(out_dt))
+        writer.add("model.embed_tokens.weight", _scaled(embed, s, out_dt))
         if not plan.tie_embeddings:
             head = embed if src.tied else src.get("lm_head.weight")
             writer.add("lm_head.weight", head.to(out_dt))
@@ -244,7 +252,7 @@ def convert(
             for n, t in new.items():
                 writer.add(p + "self_attn." + n, t.to(out_dt))
             for n, t in rest.items():
-                t = (t.to(compute) * s) if n == "mlp.down_proj.weight" else t
+                t = _scaled(t, s, out_dt) if n == "mlp.down_proj.weight" else t
                 writer.add(p + n, t.to(out_dt))
             st.seconds = time.time() - t_layer
             bar.set_postfix(k_err=f"{st.k_rel_error:.3f}", v_err=f"{st.v_rel_error:.3f}")

@@ -59,11 +59,11 @@ def truncated_svd(m: torch.Tensor, rank: int, *, seed: int = 0) -> tuple[torch.T
     if min(m.shape) <= EXACT_SVD_MAX_DIM:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank].T, s
-    q = min(rank + 64, min(m.shape))
+    q = min(rank + 32, min(m.shape))
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        u, s, v = torch.svd_lowrank(m, q=q, niter=6)
+        u, s, v = torch.svd_lowrank(m, q=q, niter=4)
     finally:
         torch.random.set_rng_state(state)
     return u[:, :rank], s[:rank], v[:, :rank], s

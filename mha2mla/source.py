@@ -98,10 +98,10 @@ class SourceModel:
         return t
 
     def _read(self, shard: str, name: str) -> torch.Tensor:
-        h = self._handles.get(shard)
-        if h is None:
-            h = self._handles[shard] = safe_open(shard, framework="pt")
-        return h.get_tensor(name)
+        # Open per read: a cached handle keeps the whole shard memory-mapped, and every page touched so far counts
+        # in the process's resident memory; reopening costs only the header parse.
+        with safe_open(shard, framework="pt") as h:
+            return h.get_tensor(name)
 
     def close(self) -> None:
         self._handles.clear()
