@@ -86,8 +86,9 @@ class Method:
     """Which calibrated ingredients to use (all on by default; each can be switched off for ablations).
 
     Attributes:
-        expected_rotation: planes that lose RoPE keep ``ρ = E[e^{-iΔω}]`` (per head) instead of no rotation (off by
-            default: it raised the measured layer-output error on SmolLM2).
+        expected_rotation: planes that lose RoPE keep ``ρ = E[e^{-iΔω}]`` (per head, from the measured attention
+            distances) instead of no rotation: a fixed complex scale folded into the query (SmolLM2 96+32: ppl 56.2 →
+            49.3).
         weighted_rope: the shared rope key maximises the query-weighted, rotation-needing key energy.
         activation_aware: the latent minimises the error on real inputs (``E[xxᵀ]``), not on the weights.
         output_weighted: keys weighted by the queries that read them, values by ``W_o``.
@@ -97,7 +98,7 @@ class Method:
             different input statistics (0: the weighted SVD alone).
     """
 
-    expected_rotation: bool = False
+    expected_rotation: bool = True
     weighted_rope: bool = True
     activation_aware: bool = True
     output_weighted: bool = True
