@@ -27,6 +27,10 @@ __all__ = ["convert", "ConversionResult"]
 FLOAT64_MAX_HIDDEN = 2048
 
 
+def _compute_dtype(hidden: int) -> torch.dtype:
+    return torch.float64 if hidden <= FLOAT64_MAX_HIDDEN else torch.float32
+
+
 @dataclass
 class ConversionResult:
     """What :func:`convert` wrote."""
@@ -67,7 +71,7 @@ def _check_shapes(src: SourceModel, attn: AttentionWeights, i: int) -> None:
 
 def _choose_stride(src, plan, calibs, method, rope_dim, dtype, rank):
     """Pick the RoPE schedule (stride) that keeps the most query-weighted rotary key energy over all layers."""
-    compute = torch.float64 if plan.hidden <= FLOAT64_MAX_HIDDEN else torch.float32
+    compute = _compute_dtype(plan.hidden)
     scores = None
     for i, calib in enumerate(calibs):
         attn, _ = _layer_tensors(src, i, compute)
@@ -91,7 +95,7 @@ def _budget_candidates(src: SourceModel, budget: int) -> tuple[int, list[int]]:
 
 def _choose_split(src, calibs, method, budget, dims, rope_stride, dtype):
     """Measure each rope dim's mean attention-output error on a few layers; keep the best split of the budget."""
-    compute = torch.float64 if src.hidden <= FLOAT64_MAX_HIDDEN else torch.float32
+    compute = _compute_dtype(src.hidden)
     layers = sorted(set(range(0, src.n_layers, max(1, src.n_layers // 6))))
     probe = Method(**{**asdict(method), "balance_search": True, "alternating": 0})
     errors = {}
@@ -111,6 +115,10 @@ def _choose_split(src, calibs, method, budget, dims, rope_stride, dtype):
             "mean_attention_output_rel_error": {f"{budget - d}+{d}": round(e, 5) for d, (e, _) in errors.items()},
             "why": f"{budget - best}+{best} had the lowest mean attention-output error on the calibration data"}
     return errors[best][1], info
+
+
+def _describe(calibration) -> str | None:
+    return calibration if calibration is None or isinstance(calibration, str) else f"{len(calibration)} documents"
 
 
 def _scaled(t: torch.Tensor, scale: float, out_dt: torch.dtype) -> torch.Tensor:
@@ -224,7 +232,7 @@ def convert(
         elif rope_stride is None and src.rope["rope_type"] == "default":
             plan, calib_info["rope_stride_shares"] = _choose_stride(src, plan, calibs, method, rope_dim, dtype, rank)
     shard_bytes = parse_size(max_shard_size)
-    compute = torch.float64 if plan.hidden <= FLOAT64_MAX_HIDDEN else torch.float32
+    compute = _compute_dtype(plan.hidden)
     out_dt = plan.torch_dtype
     s = plan.residual_scale
     protect = (src.path,) if src.path else ()
@@ -266,13 +274,13 @@ def convert(
         with open(os.path.join(tmp, "model.safetensors.index.json")) as f:
             weight_names = list(json.load(f)["weight_map"])
         record = write_record(tmp, source=src, plan=plan, stats=stats, config=config, weight_names=weight_names,
-                              options={"rank": plan.rank, "kv_budget": kv_budget, "rope_dim": plan.rope_dim, "rope_stride": plan.rope_stride,
-                                       "calibration": calibration if isinstance(calibration, (str, type(None))) else f"{len(calibration)} documents", "dtype": plan.dtype, "max_shard_size": str(max_shard_size)},
+                              options={"rank": plan.rank, "kv_budget": kv_budget, "rope_dim": plan.rope_dim,
+                                       "rope_stride": plan.rope_stride, "calibration": _describe(calibration),
+                                       "dtype": plan.dtype, "max_shard_size": str(max_shard_size)},
                               shards=names, extra={"calibration": calib_info} if calib_info else None)
         write_model_card(tmp, record=record)
         if report:
             from mha2mla.report import write_report
 
             write_report(tmp, stats=stats, rank=plan.rank)
-    src.close()
     return ConversionResult(output=os.fspath(output), plan=plan, layers=stats, record=record, seconds=time.time() - t0)

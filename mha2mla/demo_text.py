@@ -8,11 +8,8 @@ for calibration, so the demo never calibrates on the text it evaluates.
 from __future__ import annotations
 
 import bz2
-import glob
 import os
 import re
-import subprocess
-import sys
 import zipfile
 from xml.etree import ElementTree
 
@@ -46,27 +43,17 @@ def clean_wiki(text: str) -> str:
     return "\n".join(lines)
 
 
-def _cache_dir() -> str:
-    return os.environ.get("MHA2MLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mha2mla"))
-
-
 def _dump_path() -> str:
-    cache = os.path.join(_cache_dir(), "wiki")
+    from mha2mla.demo import cache_dir
+
+    cache = os.path.join(cache_dir(), "wiki")
     path = os.path.join(cache, os.path.basename(DUMP))
     if os.path.isfile(path):
         return path
-    os.makedirs(cache, exist_ok=True)
-    name, ver = GENSIM
-    found = glob.glob(os.path.join(cache, f"{name}-{ver}-*.whl"))
-    if not found:
-        print(f"[demo] fetching {name}=={ver} from PyPI for its Wikipedia excerpt (~28 MB, not installed)",
-              file=sys.stderr, flush=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", cache, f"{name}=={ver}"],
-                           capture_output=True, text=True)
-        found = glob.glob(os.path.join(cache, f"{name}-{ver}-*.whl"))
-        if r.returncode or not found:
-            raise Mha2mlaError(f"could not download {name}=={ver} for demo text ({(r.stderr or '').strip()[-160:]})")
-    with zipfile.ZipFile(found[0]) as z, z.open(DUMP) as src, open(path + ".part", "wb") as dst:
+    from mha2mla.demo import fetch_wheel
+
+    wheel = fetch_wheel(*GENSIM, cache, "for its Wikipedia excerpt, ~28 MB, not installed")
+    with zipfile.ZipFile(wheel) as z, z.open(DUMP) as src, open(path + ".part", "wb") as dst:
         dst.write(src.read())
     os.replace(path + ".part", path)
     return path

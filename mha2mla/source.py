@@ -66,7 +66,6 @@ class SourceModel:
     dtype: torch.dtype
     _files: dict = field(default_factory=dict, repr=False)  # tensor name -> shard path
     _memory: dict | None = field(default=None, repr=False)  # GGUF: the dequantised state dict
-    _handles: dict = field(default_factory=dict, repr=False)
     gguf: tuple | None = None  # (directory, file name) of a GGUF source
 
     def keys(self) -> list[str]:
@@ -102,9 +101,6 @@ class SourceModel:
         # in the process's resident memory; reopening costs only the header parse.
         with safe_open(shard, framework="pt") as h:
             return h.get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 def _fail_unsupported(model_type: str, arch: str, reason: str | None = None) -> None:
@@ -278,7 +274,7 @@ def load_source(source: str | os.PathLike) -> SourceModel:
         cfg = _read_config(path, name)
         validate_config(cfg, name)  # before touching weights: unsupported sources fail fast
         files = _index_safetensors(path, name)
-        dtype = _stored_dtype(cfg, files)
+        dtype = _stored_dtype(files)
     geo = validate_config(cfg, name)
     src = SourceModel(name=name, path=path, config=cfg, dtype=dtype, gguf=gguf_ref, **geo)
     if memory is not None:
@@ -289,7 +285,7 @@ def load_source(source: str | os.PathLike) -> SourceModel:
     return src
 
 
-def _stored_dtype(cfg: dict, files: dict) -> torch.dtype:
+def _stored_dtype(files: dict) -> torch.dtype:
     name = next((n for n in files if n.endswith("q_proj.weight")), None) or next(iter(files))
     with safe_open(files[name], framework="pt") as h:
         return _DTYPES.get(h.get_slice(name).get_dtype(), torch.float32)

@@ -115,7 +115,6 @@ def test_record_errors_match_the_written_weights(tiny_source, tmp_path):
         down = get(p + "kv_a_proj_with_mqa.weight")[:r] / layer["latent_scale"]
         kv_b = get(p + "kv_b_proj.weight").view(n_h, 2 * hd, r)
         up_v = kv_b[:: n_h // n_kv, hd:].reshape(n_kv * hd, r)  # one head per group
-        w_v = get(p.replace("self_attn.", "self_attn.v_proj.weight"), folder=src, shard=src_index)
         w_v = get(p + "v_proj.weight", folder=src, shard=src_index)
         measured = ((w_v - up_v @ down).norm() / w_v.norm()).item()
         assert measured == pytest.approx(layer["v_rel_error"], rel=1e-3, abs=1e-6)
