@@ -60,6 +60,7 @@ class LayerStats:
     singular_values: list = field(default_factory=list)
     key_weight: float = 1.0
     output_rel_error: float | None = None
+    output_fit_rel_error: float | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -72,6 +73,7 @@ class LayerStats:
             "q_bias_residual": self.q_bias_residual,
             "key_weight": self.key_weight,
             "attention_output_rel_error": self.output_rel_error,
+            "output_fit_rel_error": self.output_fit_rel_error,
             "seconds": round(self.seconds, 3),
         }
 
@@ -83,19 +85,27 @@ def _with_bias(w: torch.Tensor, b: torch.Tensor | None, heads: int, hd: int) -> 
 
 @dataclass(frozen=True)
 class Method:
-    """Which calibrated ingredients to use (all on by default; each can be switched off for ablations).
+    """Which calibrated ingredients to use (the defaults are the best measured method; each can be switched for
+    ablations, see benchmarks/RESULTS.md).
 
     Attributes:
         expected_rotation: planes that lose RoPE keep ``ρ = E[e^{-iΔω}]`` (per head, from the measured attention
-            distances) instead of no rotation: a fixed complex scale folded into the query (SmolLM2 96+32: ppl 56.2 →
-            49.3).
+            distances) instead of no rotation: a fixed complex scale folded into the query.
         weighted_rope: the shared rope key maximises the query-weighted, rotation-needing key energy.
         activation_aware: the latent minimises the error on real inputs (``E[xxᵀ]``), not on the weights.
         output_weighted: keys weighted by the queries that read them, values by ``W_o``.
         balance_search: the key/value balance is chosen by measuring the layer's output on calibration inputs.
-        value_refit: refit ``W_upV`` by least squares on the attention-averaged inputs that values really see.
+        value_refit: refit ``W_upV`` by least squares on the attention-averaged inputs that values really see
+            (superseded by ``output_fit``; off by default).
         alternating: rounds of alternating least squares for the shared latent projection when keys and values see
-            different input statistics (0: the weighted SVD alone).
+            different input statistics (0: the weighted SVD alone; needs ``value_refit``).
+        output_fit: refit every head's value up-projection and ``W_o`` by least squares so the converted layer's output
+            (under its own attention weights) matches the source layer's on the calibration tokens
+            (:mod:`mha2mla.value_path`).
+        sequential: calibrate each layer on the inputs the already converted layers below it produce (statistics, and
+            the output fit's inputs and targets: the source layer applied to those inputs).
+        attention_weighted_keys: the key side (latent and shared rope key) is fitted under the key-input second moment
+            weighted by the attention each key receives, so the keys that are read most (attention sinks) are kept best.
     """
 
     expected_rotation: bool = True
@@ -103,8 +113,11 @@ class Method:
     activation_aware: bool = True
     output_weighted: bool = True
     balance_search: bool = True
-    value_refit: bool = True
+    value_refit: bool = False
     alternating: int = 0
+    output_fit: bool = True
+    sequential: bool = True
+    attention_weighted_keys: bool = True
 
 
 BALANCE_GRID = (1 / 16, 1 / 4, 1.0, 4.0, 16.0)
@@ -114,6 +127,13 @@ def _quadratic_planes(planes: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor
     """``E|z|²`` of complex planes ``[F, n, in]`` under the second moment ``sigma [in, in]`` → ``[F, n]``."""
     s = sigma.to(planes.dtype)
     return torch.einsum("fni,ij,fnj->fn", planes.conj(), s, planes).real
+
+
+def _key_sigma(calib: LayerCalibration, method: Method) -> torch.Tensor:
+    """The second moment the key side is fitted under: attention-weighted when asked and measured."""
+    if method.attention_weighted_keys and calib.sigma_key is not None:
+        return calib.sigma_key
+    return calib.sigma
 
 
 def rope_need(*, q: torch.Tensor, calib: LayerCalibration) -> torch.Tensor:
@@ -155,7 +175,8 @@ def convert_attention(
     if calib is None:
         w_mix, c_mix = principal_mix(planes)
     else:
-        sig_k = calib.sigma if k.shape[-1] == hidden + 1 else calib.sigma[:-1, :-1]
+        sig_key = _key_sigma(calib, method)
+        sig_k = sig_key if k.shape[-1] == hidden + 1 else sig_key[:-1, :-1]
         zk = key_planes(k, freqs)
         gram = torch.einsum("fgi,ij,fhj->fgh", zk, sig_k.to(zk.dtype), zk.conj())
         weights_g = None
@@ -177,7 +198,7 @@ def convert_attention(
     if calib is not None:
         sig_x = calib.sigma[:-1, :-1].to(k_rows.dtype)
         if method.activation_aware:
-            factor_kw["input_sqrt_cov"] = sqrtm_psd(sig_x)
+            factor_kw["input_sqrt_cov"] = sqrtm_psd(_key_sigma(calib, method)[:-1, :-1].to(k_rows.dtype))
         if method.output_weighted:
             sig_q = calib.sigma.to(q.dtype) if q.shape[-1] == hidden + 1 else sig_x
             qn = q_nope.reshape(n_h, hd, -1)
@@ -314,7 +335,8 @@ def rope_frequency_scores(*, weights: AttentionWeights, calib: LayerCalibration,
     hidden = weights.q.shape[1]
     all_f = torch.arange(head_dim // 2)
     group = torch.arange(n_heads) // (n_heads // n_kv)
-    sig_k = calib.sigma if k.shape[-1] == hidden + 1 else calib.sigma[:-1, :-1]
+    sig_key = _key_sigma(calib, method)
+    sig_k = sig_key if k.shape[-1] == hidden + 1 else sig_key[:-1, :-1]
     zk = key_planes(k, all_f)
     gram = torch.einsum("fgi,ij,fhj->fgh", zk, sig_k.to(zk.dtype), zk.conj())
     need = rope_need(q=q, calib=calib)

@@ -17,7 +17,7 @@ from mha2mla.data import load_texts, pack_tokens, token_blocks
 from mha2mla.errors import Mha2mlaError
 from mha2mla.source import SourceModel
 
-__all__ = ["LayerCalibration", "calibrate", "calibration_tokens"]
+__all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens"]
 
 
 @dataclass
@@ -31,6 +31,9 @@ class LayerCalibration:
         x_sample: ``[S, L, hidden]`` attention inputs of a few sequences, to measure candidates on.
         sigma_ctx: ``[n_kv, hidden, hidden]`` second moment of the attention-averaged inputs ``x̄ = Σ_n p_mn x_n``
             seen by the value path, summed over the query heads of each KV group.
+        sigma_key: ``[hidden+1, hidden+1]`` second moment of ``[x;1]`` over keys, each key weighted by the attention
+            it receives (``Σ_h Σ_m p_h,mn``, normalised): a key's error costs in proportion to how much it is read
+            (attention sinks above all).
     """
 
     sigma: torch.Tensor
@@ -38,6 +41,7 @@ class LayerCalibration:
     inv_freq: torch.Tensor
     x_sample: torch.Tensor
     sigma_ctx: torch.Tensor | None = None
+    sigma_key: torch.Tensor | None = None
 
 
 def calibration_tokens(*, source: SourceModel, data: str | list[str], samples: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -94,9 +98,10 @@ def _rotary(source: SourceModel, config):
 
 @torch.no_grad()
 def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
-                     hd: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention mass per head at each distance Δ = m − n (summed over queries and sequences), and per KV group the
-    summed second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n``."""
+                     hd: int, contexts: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """For one batch ``x [B, L, hidden]``: attention mass per head at each distance Δ = m − n; per KV group the summed
+    second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n`` (as ``Xᵀ(Σ_h P_hᵀP_h)X``); and the
+    second moment of ``[x;1]`` with each key weighted by the attention it receives."""
     attn = layer.self_attn
     b, l, _ = x.shape
     q = attn.q_proj(x).view(b, l, n_heads, hd).transpose(1, 2)
@@ -115,50 +120,105 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     hist = torch.zeros(n_heads, l, dtype=torch.float64)
     flat = (p * mask).sum(0).reshape(n_heads, -1).double()
     hist.scatter_add_(1, idx.reshape(1, -1).expand(n_heads, -1), flat)
-    xbar = (p @ x[:, None]).transpose(0, 1).reshape(n_heads, b * l, -1)  # [H, B·L, hidden], float32 matmuls
-    per_head = (xbar.transpose(1, 2) @ xbar).double()
-    group = torch.arange(n_heads) // (n_heads // n_kv)
-    ctx = torch.zeros(n_kv, x.shape[-1], x.shape[-1], dtype=torch.float64).index_add_(0, group, per_head)
-    return hist, ctx
+    ctx = None
+    if contexts:
+        pp = (p.transpose(-1, -2) @ p).view(b, n_kv, n_heads // n_kv, l, l).sum(2)  # [B, n_kv, L, L]
+        ctx = torch.einsum("bni,bgnm,bmj->gij", x, pp, x).double()
+    received = p.sum(dim=(1, 2)).reshape(-1, 1)  # [B·L, 1]: attention each key gets, over heads and queries
+    xa = torch.cat((x, torch.ones(*x.shape[:-1], 1)), dim=-1).reshape(b * l, -1)
+    key = (xa.T @ (xa * received)).double()
+    return hist, ctx, key
 
 
 @torch.no_grad()
 def calibrate(*, source: SourceModel, tokens: torch.Tensor, sample_sequences: int = 4, batch: int = 8,
-              progress: bool = True) -> list[LayerCalibration]:
-    """Run the source layer by layer on ``tokens [N, L]`` and collect each layer's :class:`LayerCalibration`.
+              value_contexts: bool = True, progress: bool = True) -> list[LayerCalibration]:
+    """Run the source layer by layer on ``tokens [N, L]`` and collect each layer's :class:`LayerCalibration`
+    (``sigma_ctx`` only with ``value_contexts``).
 
     Runs in float32 on CPU; the hidden states of all ``N`` sequences are kept (``N·L·hidden`` floats).
     """
-    config = _hf_config(source)
-    rotary = _rotary(source, config)
-    n, l = tokens.shape
-    pos = torch.arange(l)[None]
-    h = torch.nn.functional.embedding(tokens, source.get("model.embed_tokens.weight").float())
-    cos, sin = rotary(h[:1], pos)
-    inv_freq = rotary.inv_freq.double().clone()
-    hd, nh, nkv = source.head_dim, source.n_heads, source.n_kv
+    prop = Propagation(source=source, tokens=tokens, batch=batch)
     out = []
     for i in tqdm(range(source.n_layers), desc="calibrating layers", unit="layer", disable=not progress):
-        layer = _decoder_layer(source, config, i, torch.float32)
-        sigma = torch.zeros(source.hidden + 1, source.hidden + 1, dtype=torch.float64)
+        out.append(prop.layer_calibration(i, sample_sequences=sample_sequences, value_contexts=value_contexts))
+        prop.advance(i)
+    return out
+
+
+class Propagation:
+    """The calibration tokens' hidden states, carried layer by layer (one decoder layer in memory at a time).
+
+    For layer ``i``: :meth:`layer_calibration` measures its statistics, :meth:`inputs` yields its attention inputs
+    (after the layer's input RMSNorm), and :meth:`advance` moves the hidden states past it, through the source layer or,
+    for sequential conversion, through the converted attention block and the source MLP (the next layer is then
+    calibrated on what the converted model really feeds it).
+
+    Memory: one source layer plus ``N·L·hidden`` floats.
+    """
+
+    def __init__(self, *, source: SourceModel, tokens: torch.Tensor, batch: int = 8):
+        self.source, self.batch = source, batch
+        self.config = _hf_config(source)
+        rotary = _rotary(source, self.config)
+        self.pos = torch.arange(tokens.shape[1])[None]
+        self.h = torch.nn.functional.embedding(tokens, source.get("model.embed_tokens.weight").float())
+        self.cos, self.sin = rotary(self.h[:1], self.pos)
+        self.inv_freq = rotary.inv_freq.double().clone()
+        self._layer = None
+
+    def _load(self, i: int):
+        if self._layer is None or self._layer[0] != i:
+            self._layer = (i, _decoder_layer(self.source, self.config, i, torch.float32))
+        return self._layer[1]
+
+    @torch.no_grad()
+    def inputs(self, i: int):
+        """Yields batches ``[b, L, hidden]`` of layer ``i``'s attention input."""
+        layer = self._load(i)
+        for s in range(0, self.h.shape[0], self.batch):
+            yield layer.input_layernorm(self.h[s : s + self.batch])
+
+    @torch.no_grad()
+    def layer_calibration(self, i: int, *, sample_sequences: int = 4, value_contexts: bool = True) -> LayerCalibration:
+        """Layer ``i``'s :class:`LayerCalibration` on the current hidden states (``sigma_ctx`` only with
+        ``value_contexts``: it costs a third of the statistics)."""
+        src, layer = self.source, self._load(i)
+        hd, nh, nkv, hidden = src.head_dim, src.n_heads, src.n_kv, src.hidden
+        n, l = self.h.shape[:2]
+        sigma = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
         hist = torch.zeros(nh, l, dtype=torch.float64)
-        ctx = torch.zeros(nkv, source.hidden, source.hidden, dtype=torch.float64)
-        sample = []
-        for s in range(0, n, batch):
-            hb = h[s : s + batch]
-            x = layer.input_layernorm(hb)
-            xa = torch.cat((x, torch.ones(*x.shape[:-1], 1)), dim=-1).reshape(-1, source.hidden + 1).double()
+        ctx = torch.zeros(nkv, hidden, hidden, dtype=torch.float64)
+        key = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
+        sample, kept = [], 0
+        for x in self.inputs(i):
+            xa = torch.cat((x, torch.ones(*x.shape[:-1], 1)), dim=-1).reshape(-1, hidden + 1).double()
             sigma += xa.T @ xa
-            dh, dc = _attention_stats(layer, x, cos[:, None], sin[:, None], nh, nkv, hd)
+            dh, dc, dk = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, value_contexts)
             hist += dh
-            ctx += dc
-            if sum(t.shape[0] for t in sample) < sample_sequences:
-                sample.append(x[: sample_sequences - sum(t.shape[0] for t in sample)].clone())
-            h[s : s + batch] = layer(hb, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+            key += dk
+            if dc is not None:
+                ctx += dc
+            if kept < sample_sequences:
+                sample.append(x[: sample_sequences - kept].clone())
+                kept += sample[-1].shape[0]
         sigma /= n * l
         if not math.isfinite(float(sigma.diagonal().sum())):
             raise Mha2mlaError(f"layer {i}: calibration activations are not finite; the source overflows in float32 on this data")
-        out.append(LayerCalibration(sigma=sigma, distance_hist=hist, inv_freq=inv_freq, x_sample=torch.cat(sample),
-                                    sigma_ctx=(ctx / (n * l)).float()))
-        del layer
-    return out
+        return LayerCalibration(sigma=sigma, distance_hist=hist, inv_freq=self.inv_freq, x_sample=torch.cat(sample),
+                                sigma_ctx=(ctx / (n * l)).float() if value_contexts else None, sigma_key=key / (n * l * nh))
+
+    @torch.no_grad()
+    def advance(self, i: int, attention=None) -> None:
+        """Move past layer ``i``: through the source layer, or with ``attention(x)`` (the converted attention block in
+        source residual scale) in place of the source attention."""
+        layer = self._load(i)
+        for s in range(0, self.h.shape[0], self.batch):
+            sl = slice(s, s + self.batch)
+            h = self.h[sl]
+            if attention is None:
+                self.h[sl] = layer(h, attention_mask=None, position_ids=self.pos, position_embeddings=(self.cos, self.sin))
+            else:
+                h = h + attention(layer.input_layernorm(h))
+                self.h[sl] = h + layer.mlp(layer.post_attention_layernorm(h))
+        self._layer = None

@@ -13,18 +13,24 @@ import torch
 from tqdm.auto import tqdm
 
 from mha2mla.attention import AttentionWeights, LayerStats, Method, choose_rope_stride, convert_attention, rope_frequency_scores
-from mha2mla.calibration import calibrate, calibration_tokens
+from mha2mla.calibration import Propagation, calibrate, calibration_tokens
 from mha2mla.errors import Mha2mlaError
 from mha2mla.plan import ConversionPlan, make_plan
+from mha2mla.reference import mla_attention, mla_head_contexts, relative_output_error, source_attention
+from mha2mla.rope import kept_frequencies
 from mha2mla.record import write_model_card, write_record
 from mha2mla.source import TOKENIZER_FILES, SourceModel, load_source
 from mha2mla.target_config import deepseek_v3_config
+from mha2mla.value_path import (JOINT_MAX_FEATURES, HeadwiseValueFit, ValuePathFit, value_path_prior, with_head_values,
+                                with_value_path)
 from mha2mla.writer import ShardWriter, atomic_output_dir, parse_size
 
 __all__ = ["convert", "ConversionResult"]
 
 # Up to this hidden size the layer math runs in float64 (cheap, and exact to ~1e-12); above it in float32.
 FLOAT64_MAX_HIDDEN = 2048
+# Sequences of the calibration set on which the global choices (RoPE schedule, kv-budget split) are made.
+PLAN_SEQUENCES = 16
 
 
 def _compute_dtype(hidden: int) -> torch.dtype:
@@ -117,6 +123,47 @@ def _choose_split(src, calibs, method, budget, dims, rope_stride, dtype):
     return errors[best][1], info
 
 
+def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: AttentionWeights, tensors: dict,
+                inv_freq: torch.Tensor) -> tuple[dict, float]:
+    """Refit layer ``i``'s value path so its output on the calibration inputs matches the source layer's; returns the
+    tensors and the relative output error on the calibration tokens after the fit."""
+    f32 = {k: v.float() for k, v in tensors.items()}
+    w32 = AttentionWeights(**{k: None if v is None else v.float() for k, v in vars(attn).items()})
+    src_angles = torch.arange(prop.h.shape[1], dtype=torch.float32)[:, None] * inv_freq.float()
+    mla_angles = _mla_angles(plan, src_angles)
+    joint = plan.n_heads * plan.rank <= JOINT_MAX_FEATURES
+    fit = (ValuePathFit if joint else HeadwiseValueFit)(plan=plan, intercept=plan.attention_bias)
+    shape = dict(n_heads=plan.n_heads, n_kv=plan.n_kv, head_dim=plan.head_dim)
+    with torch.no_grad():
+        for x in prop.inputs(i):
+            target = source_attention(weights=w32, x=x, angles=src_angles, heads=not joint, **shape)
+            fit.add(contexts=mla_head_contexts(tensors=f32, plan=plan, x=x, angles=mla_angles), target=target)
+        if joint:
+            maps, bias, _ = fit.solve(prior=value_path_prior(tensors=tensors, plan=plan))
+            new = with_value_path(tensors=tensors, plan=plan, maps=maps, bias=bias)
+        else:
+            prior = tensors["kv_b_proj.weight"].reshape(plan.n_heads, 2 * plan.head_dim, plan.rank)[:, plan.head_dim:]
+            up_v, head_bias = fit.solve(prior=prior)
+            new = with_head_values(tensors=tensors, plan=plan, up_v=up_v, head_bias=head_bias, o_bias=attn.o_bias)
+        # measured, not inferred from the normal equations: the written tensors on the first calibration batch
+        x = next(iter(prop.inputs(i)))
+        ref = source_attention(weights=w32, x=x, angles=src_angles, **shape)
+        got = mla_attention(tensors={k: v.float() for k, v in new.items()}, plan=plan, x=x, angles=mla_angles)
+        rel = relative_output_error(ref, got / plan.residual_scale)
+    return new, rel
+
+
+def _mla_angles(plan: ConversionPlan, src_angles: torch.Tensor) -> torch.Tensor:
+    return src_angles[:, kept_frequencies(head_dim=plan.head_dim, rope_dim=plan.rope_dim, stride=plan.rope_stride)]
+
+
+def _converted_attention(plan: ConversionPlan, tensors: dict, inv_freq: torch.Tensor, length: int):
+    """The converted attention block as a function of its input, in source residual scale (for sequential calibration)."""
+    f32 = {k: v.float() for k, v in tensors.items()}
+    angles = _mla_angles(plan, torch.arange(length, dtype=torch.float32)[:, None] * inv_freq.float())
+    return lambda x: mla_attention(tensors=f32, plan=plan, x=x, angles=angles) / plan.residual_scale
+
+
 def _describe(calibration) -> str | None:
     return calibration if calibration is None or isinstance(calibration, str) else f"{len(calibration)} documents"
 
@@ -167,7 +214,7 @@ def convert(
     kv_budget: int | None = None,
     rope_stride: int | None = None,
     calibration: str | list[str] | None = None,
-    calibration_samples: int = 64,
+    calibration_samples: int = 96,
     calibration_length: int = 256,
     method: Method | None = None,
     dtype: str = "auto",
@@ -220,17 +267,22 @@ def convert(
         rank = kv_budget - rope_dim
     plan = make_plan(source=src, rank=rank, rope_dim=rope_dim, rope_stride=rope_stride, dtype=dtype)
     method = method or Method()
-    calibs, calib_info = None, None
+    calib_info, prop = None, None
     if calibration is not None:
         tokens = calibration_tokens(source=src, data=calibration, samples=calibration_samples, length=calibration_length)
-        calibs = calibrate(source=src, tokens=tokens, progress=progress)
         calib_info = {"tokens": int(tokens.numel()), "samples": calibration_samples, "length": calibration_length,
-                      "seconds": round(time.time() - t0, 1), "method": asdict(method)}
-        if budget_info is not None:
-            plan, calib_info["kv_budget"] = _choose_split(src, calibs, method, kv_budget, budget_info, rope_stride, dtype)
-            rank, rope_dim = plan.rank, plan.rope_dim
-        elif rope_stride is None and src.rope["rope_type"] == "default":
-            plan, calib_info["rope_stride_shares"] = _choose_stride(src, plan, calibs, method, rope_dim, dtype, rank)
+                      "method": asdict(method)}
+        choose_stride = rope_stride is None and src.rope["rope_type"] == "default"
+        if budget_info is not None or choose_stride:
+            # the schedule and split are global choices: decide them on a quick pass over a few sequences
+            pre = calibrate(source=src, tokens=tokens[:PLAN_SEQUENCES], value_contexts=method.value_refit, progress=progress)
+            if budget_info is not None:
+                plan, calib_info["kv_budget"] = _choose_split(src, pre, method, kv_budget, budget_info, rope_stride, dtype)
+                rank, rope_dim = plan.rank, plan.rope_dim
+            else:
+                plan, calib_info["rope_stride_shares"] = _choose_stride(src, plan, pre, method, rope_dim, dtype, rank)
+            del pre
+        prop = Propagation(source=src, tokens=tokens)
     shard_bytes = parse_size(max_shard_size)
     compute = _compute_dtype(plan.hidden)
     out_dt = plan.torch_dtype
@@ -253,8 +305,13 @@ def convert(
             _check_shapes(src, attn, i)
             gamma = rest["input_layernorm.weight"].to(compute)
             bound = math.sqrt(plan.hidden) * float(gamma.abs().max())
-            new, st = convert_attention(plan=plan, weights=attn, input_norm_bound=bound,
-                                        calib=None if calibs is None else calibs[i], method=method)
+            calib = None if prop is None else prop.layer_calibration(i, value_contexts=method.value_refit)
+            new, st = convert_attention(plan=plan, weights=attn, input_norm_bound=bound, calib=calib, method=method)
+            if prop is not None:
+                if method.output_fit:
+                    new, st.output_fit_rel_error = _fit_output(prop, i, plan, attn, new, calib.inv_freq)
+                prop.advance(i, _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1]) if method.sequential else None)
+                del calib
             stats.append(st)
             p = f"model.layers.{i}."
             for n, t in new.items():
@@ -265,6 +322,9 @@ def convert(
             st.seconds = time.time() - t_layer
             bar.set_postfix(k_err=f"{st.k_rel_error:.3f}", v_err=f"{st.v_rel_error:.3f}")
             del attn, rest, new
+        if calib_info is not None:
+            calib_info["seconds"] = round(time.time() - t0, 1)
+        del prop
         names = writer.close()
         config = deepseek_v3_config(source=src, plan=plan)
         with open(os.path.join(tmp, "config.json"), "w") as f:

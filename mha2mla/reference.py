@@ -12,7 +12,7 @@ import torch
 
 from mha2mla.plan import TARGET_EPS, ConversionPlan
 
-__all__ = ["source_attention", "mla_attention"]
+__all__ = ["source_attention", "mla_attention", "mla_head_contexts", "relative_output_error"]
 
 
 def _rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -34,8 +34,12 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.transpose(1, 2).flatten(2)
 
 
-def source_attention(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int, head_dim: int) -> torch.Tensor:
-    """Llama/Mistral/Qwen2 attention. ``weights``: :class:`mha2mla.attention.AttentionWeights`; ``angles [L, hd/2]``."""
+def source_attention(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
+                     heads: bool = False) -> torch.Tensor:
+    """Llama/Mistral/Qwen2 attention. ``weights``: :class:`mha2mla.attention.AttentionWeights`; ``angles [L, hd/2]``.
+
+    With ``heads`` returns each head's output before ``o_proj`` (``[B, heads, L, head_dim]``) instead.
+    """
     b, l, _ = x.shape
 
     def proj(w, bias, heads):
@@ -47,6 +51,8 @@ def source_attention(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads:
     v = proj(weights.v, weights.v_bias, n_kv)
     rep = n_heads // n_kv
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if heads:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim**-0.5)
     out = _causal_attention(q, k, v, head_dim**-0.5)
     return out @ weights.o.T + (0 if weights.o_bias is None else weights.o_bias)
 
@@ -82,3 +88,26 @@ def relative_output_error(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+
+
+def mla_head_contexts(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, L, R]``: each head's attention-weighted latent ``c̄_h,m = Σ_n p_h,mn c_n`` in the converted layer.
+
+    The value path is linear in it: head ``h`` outputs ``W_upV,h c̄_h``, and the layer ``Σ_h W_o,h W_upV,h c̄_h``.
+    """
+    b, l, _ = x.shape
+    n_h, hd, d, r = plan.n_heads, plan.head_dim, plan.rope_dim, plan.rank
+    if "q_proj.weight" in tensors:
+        q = x @ tensors["q_proj.weight"].T
+    else:
+        qa = x @ tensors["q_a_proj.weight"].T + tensors["q_a_proj.bias"]
+        q = _rms(qa, tensors["q_a_layernorm.weight"]) @ tensors["q_b_proj.weight"].T
+    q = q.view(b, l, n_h, hd + d).transpose(1, 2)
+    kv_a = x @ tensors["kv_a_proj_with_mqa.weight"].T + tensors.get("kv_a_proj_with_mqa.bias", 0)
+    c = _rms(kv_a[..., :r], tensors["kv_a_layernorm.weight"])
+    k_pe = _rotate_interleaved(kv_a[..., r:], angles)[:, None]
+    k_nope = (c @ tensors["kv_b_proj.weight"].T).view(b, l, n_h, 2 * hd)[..., :hd].transpose(1, 2)
+    qq = torch.cat((q[..., :hd], _rotate_interleaved(q[..., hd:], angles)), dim=-1)
+    kk = torch.cat((k_nope, k_pe.expand(-1, n_h, -1, -1)), dim=-1)
+    cc = c[:, None].expand(-1, n_h, -1, -1)
+    return torch.nn.functional.scaled_dot_product_attention(qq, kk, cc, is_causal=True, scale=(hd + d) ** -0.5)

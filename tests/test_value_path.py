@@ -1,0 +1,154 @@
+"""Output-matched value path (:mod:`mha2mla.value_path`) and the layer-by-layer calibration stream."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import CORPUS
+
+import mha2mla
+from mha2mla.attention import AttentionWeights, Method, convert_attention
+from mha2mla.calibration import Propagation, calibrate, calibration_tokens
+from mha2mla.plan import make_plan
+from mha2mla.reference import mla_attention, mla_head_contexts, relative_output_error, source_attention
+from mha2mla.rope import kept_frequencies
+from mha2mla.source import load_source
+from mha2mla.value_path import ValuePathFit, factor_heads, value_path_prior, with_value_path
+
+
+def _plan(tiny_source, *, n_kv=2, head_dim=16, rank=12, rope_dim=8, seed=3):
+    src = load_source(tiny_source(n_kv=n_kv, head_dim=head_dim, seed=seed))
+    return src, make_plan(source=src, rank=rank, rope_dim=rope_dim, rope_stride=None, dtype="float32")
+
+
+@pytest.mark.parametrize("rank", [12, 24])  # R ≤ head_dim (joint closed form) and R > head_dim (reduced rank)
+def test_fit_recovers_an_exact_value_path(tiny_source, rank):
+    _, plan = _plan(tiny_source, rank=rank)
+    g = torch.Generator().manual_seed(0)
+    h, hd = plan.n_heads, plan.head_dim
+    truth = [torch.randn(plan.hidden, hd, generator=g, dtype=torch.float64)
+             @ torch.randn(hd, rank, generator=g, dtype=torch.float64) for _ in range(h)]  # rank ≤ head_dim
+    fit = ValuePathFit(plan=plan, intercept=True)
+    bias = torch.randn(plan.hidden, generator=g, dtype=torch.float64)
+    for _ in range(4):
+        ctx = torch.randn(2, h, 64, rank, generator=g, dtype=torch.float64)
+        y = torch.einsum("ohr,bhlr->blo", torch.stack(truth, 1), ctx) + bias
+        fit.add(contexts=ctx, target=y)
+    maps, b, rel = fit.solve(ridge=1e-12)
+    assert rel < 1e-3  # the moments accumulate in float32 matmuls
+    for got, want in zip(maps, truth):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    assert torch.allclose(b, bias, atol=1e-3)
+
+
+def test_factor_heads_reproduces_each_map():
+    g = torch.Generator().manual_seed(1)
+    maps = [torch.randn(20, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 10, generator=g, dtype=torch.float64)
+            for _ in range(3)]
+    wo, up = factor_heads(maps=maps, head_dim=6)
+    assert wo.shape == (20, 18) and up.shape == (3, 6, 10)
+    for i, m in enumerate(maps):
+        assert torch.allclose(wo[:, 6 * i : 6 * (i + 1)] @ up[i], m, atol=1e-10)
+
+
+def _layer(src, plan, tokens):
+    from mha2mla.conversion import _layer_tensors
+
+    attn, rest = _layer_tensors(src, 0, torch.float64)
+    prop = Propagation(source=src, tokens=tokens)
+    calib = prop.layer_calibration(0)
+    bound = math.sqrt(plan.hidden) * float(rest["input_layernorm.weight"].abs().max())
+    tensors, _ = convert_attention(plan=plan, weights=attn, input_norm_bound=bound, calib=calib, method=Method())
+    x = torch.cat(list(prop.inputs(0))).double()
+    angles = torch.arange(x.shape[1], dtype=torch.float64)[:, None] * calib.inv_freq
+    mla_angles = angles[:, kept_frequencies(head_dim=plan.head_dim, rope_dim=plan.rope_dim, stride=plan.rope_stride)]
+    return attn, tensors, x, angles, mla_angles
+
+
+def test_fitted_path_is_what_the_layer_computes_and_fits_better(tiny_source, tmp_path):
+    src, plan = _plan(tiny_source)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 20)
+    tokens = calibration_tokens(source=src, data=str(corpus), samples=6, length=32)
+    attn, tensors, x, angles, mla_angles = _layer(src, plan, tokens)
+    ctx = mla_head_contexts(tensors=tensors, plan=plan, x=x, angles=mla_angles)
+    # The analytic path the tensors hold, applied to the contexts, is exactly the layer's output.
+    prior = value_path_prior(tensors=tensors, plan=plan)
+    via_ctx = torch.einsum("ohr,bhlr->blo", prior.reshape(plan.hidden, plan.n_heads, plan.rank), ctx)
+    direct = mla_attention(tensors=tensors, plan=plan, x=x, angles=mla_angles) / plan.residual_scale
+    assert torch.allclose(via_ctx, direct, atol=1e-9)
+    target = source_attention(weights=attn, x=x, angles=angles, n_heads=plan.n_heads, n_kv=plan.n_kv,
+                              head_dim=plan.head_dim)
+    fit = ValuePathFit(plan=plan, intercept=False)
+    fit.add(contexts=ctx, target=target)
+    maps, _, rel = fit.solve(prior=prior)
+    fitted = with_value_path(tensors=tensors, plan=plan, maps=maps, bias=None)
+    got = mla_attention(tensors=fitted, plan=plan, x=x, angles=mla_angles) / plan.residual_scale
+    assert relative_output_error(target, got) == pytest.approx(rel, rel=1e-3, abs=1e-6)
+    assert rel < relative_output_error(target, direct)  # least squares on the data it fits
+    # Only the value rows of kv_b_proj and o_proj change: the cache and the keys stay as they were.
+    kvb, kvb0 = (t["kv_b_proj.weight"].reshape(plan.n_heads, 2, plan.head_dim, -1) for t in (fitted, tensors))
+    assert torch.equal(kvb[:, 0], kvb0[:, 0])
+    assert torch.equal(fitted["kv_a_proj_with_mqa.weight"], tensors["kv_a_proj_with_mqa.weight"])
+
+
+def test_value_contexts_second_moment_matches_the_explicit_average(tiny_source, tmp_path):
+    src = load_source(tiny_source(n_kv=2, head_dim=16, layers=1))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 20)
+    tokens = calibration_tokens(source=src, data=str(corpus), samples=3, length=24)
+    calib = calibrate(source=src, tokens=tokens, progress=False)[0]
+    prop = Propagation(source=src, tokens=tokens)
+    x = torch.cat(list(prop.inputs(0))).double()
+    from mha2mla.conversion import _layer_tensors
+
+    attn, _ = _layer_tensors(src, 0, torch.float64)
+    angles = torch.arange(x.shape[1], dtype=torch.float64)[:, None] * calib.inv_freq
+    n_h, n_kv, hd = src.n_heads, src.n_kv, src.head_dim
+    # Attention weights of the source, from the reference forward with identity values.
+    eye = AttentionWeights(q=attn.q, k=attn.k, v=attn.v, o=attn.o)
+    q = (x @ eye.q.T).view(*x.shape[:2], n_h, hd).transpose(1, 2)
+    k = (x @ eye.k.T).view(*x.shape[:2], n_kv, hd).transpose(1, 2).repeat_interleave(n_h // n_kv, 1)
+    from mha2mla.reference import _rotate_half
+
+    s = _rotate_half(q, angles) @ _rotate_half(k, angles).transpose(-1, -2) * hd**-0.5
+    p = s.masked_fill(~torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    xbar = p @ x[:, None]  # [B, H, L, hidden]
+    per_head = torch.einsum("bhli,bhlj->hij", xbar, xbar) / (x.shape[0] * x.shape[1])
+    want = per_head.view(n_kv, n_h // n_kv, *per_head.shape[1:]).sum(1)
+    assert torch.allclose(calib.sigma_ctx.double(), want, rtol=1e-3, atol=1e-6)
+    received = p.sum(dim=(1, 2)).reshape(-1)
+    xa = torch.cat((x, torch.ones(*x.shape[:2], 1, dtype=x.dtype)), -1).reshape(-1, x.shape[-1] + 1)
+    want_key = (xa.T * received) @ xa / received.sum()
+    assert torch.allclose(calib.sigma_key, want_key, rtol=1e-3, atol=1e-6)
+
+
+def test_sequential_conversion_records_fit_and_beats_no_fit(tiny_source, tmp_path):
+    src = tiny_source(n_kv=2, head_dim=16, seed=7, layers=3)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    kw = dict(rank=10, rope_dim=8, progress=False, calibration=str(corpus), calibration_samples=8, calibration_length=32)
+    fitted = mha2mla.convert(source=src, output=str(tmp_path / "fit"), **kw)
+    assert all(0 <= layer["output_fit_rel_error"] < 1 for layer in fitted.record["layers"])
+    plain = mha2mla.convert(source=src, output=str(tmp_path / "plain"), method=Method(output_fit=False, sequential=False), **kw)
+    assert all(layer["output_fit_rel_error"] is None for layer in plain.record["layers"])
+    from test_calibration import _held_out_error
+
+    assert _held_out_error(src, str(tmp_path / "fit")) < _held_out_error(src, str(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("joint_max", [4096, 0])  # the joint fit, and the per-head fit wide models get
+def test_output_fit_keeps_a_biased_full_rank_conversion_exact(tiny_source, tmp_path, monkeypatch, joint_max):
+    import mha2mla.conversion as conversion
+    from test_calibration import _held_out_error
+
+    monkeypatch.setattr(conversion, "JOINT_MAX_FEATURES", joint_max)
+    src = tiny_source(arch="qwen2", n_kv=1, head_dim=16, seed=5)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 20)
+    res = mha2mla.convert(source=src, output=str(tmp_path / "q"), rank=16, rope_dim=16, progress=False, dtype="float32",
+                          calibration=str(corpus), calibration_samples=4, calibration_length=32)
+    assert all(layer["output_fit_rel_error"] < 1e-3 for layer in res.record["layers"])
+    assert _held_out_error(src, str(tmp_path / "q")) < 1e-4
