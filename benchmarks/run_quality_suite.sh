@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
 # The quality suite behind benchmarks/RESULTS.md (perplexity on the first 16,384 tokens of enwiki.test, windows of
-# 1024, fp32; calibration 64 x 256 tokens of enwiki.train). About 50 minutes on 2 CPU cores.
-#   MHA2MLA_ASSETS=/path/to/assets bash benchmarks/run_quality_suite.sh
+# 1024, fp32; calibration from enwiki.train: 96 x 256 tokens by default, 64 x 256 for the ablation rows).
+# About 70 minutes on 2 CPU cores.
+#   MHA2MLA_ASSETS=/path/to/assets bash benchmarks/run_quality_suite.sh [all|main|ablation]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=${MHA2MLA_ASSETS:-$HOME/.cache/mha2mla-assets}
 CAL="$A/text/enwiki.train.txt"
 Q="python benchmarks/quality.py --assets $A --tasks="
-$Q --calibration "$CAL" --out benchmarks/results/quality-calibrated.json
-$Q --out benchmarks/results/quality-datafree.json
-M0=expected_rotation=0,weighted_rope=0,output_weighted=0,balance_search=0,value_refit=0
-$Q --calibration "$CAL" --budgets 96+32 --label "act-aware " --method $M0 --out benchmarks/results/ablation-1.json
-$Q --calibration "$CAL" --budgets 96+32 --label "+out-weighted " --method weighted_rope=0,balance_search=0,value_refit=0 --out benchmarks/results/ablation-2.json
-$Q --calibration "$CAL" --budgets 96+32 --label "+weighted-rope " --method balance_search=0,value_refit=0 --out benchmarks/results/ablation-3.json
-$Q --calibration "$CAL" --budgets 96+32 --label "+balance-search " --method value_refit=0 --out benchmarks/results/ablation-4.json
-$Q --calibration "$CAL" --budgets 96+32 --label "full+rho-fold " --method expected_rotation=1 --out benchmarks/results/ablation-5.json
+WHAT=${1:-all}
+if [[ $WHAT == all || $WHAT == main ]]; then
+  $Q --calibration "$CAL" --out benchmarks/results/quality-calibrated.json
+  $Q --out benchmarks/results/quality-datafree.json
+fi
+if [[ $WHAT == all || $WHAT == ablation ]]; then
+  # Each row adds one ingredient to the row above it (96+32, 64 calibration sequences).
+  AB="$Q --calibration $CAL --calibration-samples 64 --budgets 96+32"
+  NEW=output_fit=0,sequential=0,attention_weighted_keys=0
+  M0=expected_rotation=0,weighted_rope=0,output_weighted=0,balance_search=0,value_refit=0,$NEW
+  $AB --label "act-aware " --method $M0 --out benchmarks/results/ablation-1.json
+  $AB --label "+out-weighted " --method weighted_rope=0,balance_search=0,value_refit=0,expected_rotation=0,$NEW --out benchmarks/results/ablation-2.json
+  $AB --label "+weighted-rope " --method balance_search=0,value_refit=0,expected_rotation=0,$NEW --out benchmarks/results/ablation-3.json
+  $AB --label "+balance-search " --method value_refit=0,expected_rotation=0,$NEW --out benchmarks/results/ablation-4.json
+  $AB --label "+value-refit " --method value_refit=1,expected_rotation=0,$NEW --out benchmarks/results/ablation-5.json
+  $AB --label "+rho-fold " --method value_refit=1,$NEW --out benchmarks/results/ablation-6.json
+  $AB --label "+output-fit " --method value_refit=1,sequential=0,attention_weighted_keys=0 --out benchmarks/results/ablation-7.json
+  $AB --label "+attn-weighted-keys " --method value_refit=1,sequential=0 --out benchmarks/results/ablation-8.json
+  $AB --label "+sequential " --method value_refit=1 --out benchmarks/results/ablation-9.json
+  $AB --label "-value-refit " --out benchmarks/results/ablation-10.json
+fi
