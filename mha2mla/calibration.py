@@ -133,7 +133,8 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 @torch.no_grad()
 def calibrate(*, source: SourceModel, tokens: torch.Tensor, sample_sequences: int = 4, batch: int = 8,
-              value_contexts: bool = True, device: str | torch.device = "cpu", progress: bool = True) -> list[LayerCalibration]:
+              value_contexts: bool = True, device: str | torch.device = "cpu", progress: bool = True,
+              desc: str = "calibrating layers") -> list[LayerCalibration]:
     """Run the source layer by layer on ``tokens [N, L]`` and collect each layer's :class:`LayerCalibration`
     (``sigma_ctx`` only with ``value_contexts``).
 
@@ -141,7 +142,7 @@ def calibrate(*, source: SourceModel, tokens: torch.Tensor, sample_sequences: in
     """
     prop = Propagation(source=source, tokens=tokens, batch=batch, device=device)
     out = []
-    for i in tqdm(range(source.n_layers), desc="calibrating layers", unit="layer", disable=not progress):
+    for i in tqdm(range(source.n_layers), desc=desc, unit="layer", disable=not progress):
         out.append(prop.layer_calibration(i, sample_sequences=sample_sequences, value_contexts=value_contexts))
         prop.advance(i)
     return out

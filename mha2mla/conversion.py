@@ -297,7 +297,7 @@ def convert(
         if budget_info is not None or choose_stride:
             # the schedule and split are global choices: decide them on a quick pass over a few sequences
             pre = calibrate(source=src, tokens=tokens[:PLAN_SEQUENCES], value_contexts=method.value_refit, device=device,
-                            progress=progress)
+                            progress=progress, desc="choosing the RoPE schedule")
             if budget_info is not None:
                 plan, calib_info["kv_budget"] = _choose_split(src, pre, method, kv_budget, budget_info, rope_stride, dtype)
                 rank, rope_dim = plan.rank, plan.rope_dim
@@ -320,7 +320,8 @@ def convert(
             writer.add("lm_head.weight", head.to(out_dt))
         del embed
         writer.add("model.norm.weight", src.get("model.norm.weight").to(out_dt))
-        bar = tqdm(range(plan.n_layers), desc="converting layers", unit="layer", disable=not progress)
+        desc = "calibrating and converting layers" if prop is not None else "converting layers"
+        bar = tqdm(range(plan.n_layers), desc=desc, unit="layer", disable=not progress)
         for i in bar:
             t_layer = time.time()
             attn, rest = _layer_tensors(src, i, compute)
