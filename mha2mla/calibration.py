@@ -114,10 +114,11 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
     q, k = rot(q), rot(k).repeat_interleave(n_heads // n_kv, dim=1)
     scores = (q @ k.transpose(-1, -2)) * hd**-0.5
-    mask = torch.ones(l, l, dtype=torch.bool).tril()
+    dev = x.device
+    mask = torch.ones(l, l, dtype=torch.bool, device=dev).tril()
     p = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # [B, H, L, L]
-    idx = (torch.arange(l)[:, None] - torch.arange(l)[None, :]).clamp_min(0)  # Δ for every (m, n)
-    hist = torch.zeros(n_heads, l, dtype=torch.float64)
+    idx = (torch.arange(l, device=dev)[:, None] - torch.arange(l, device=dev)[None, :]).clamp_min(0)  # Δ per (m, n)
+    hist = torch.zeros(n_heads, l, dtype=torch.float64, device=dev)
     flat = (p * mask).sum(0).reshape(n_heads, -1).double()
     hist.scatter_add_(1, idx.reshape(1, -1).expand(n_heads, -1), flat)
     ctx = None
@@ -125,22 +126,23 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         pp = (p.transpose(-1, -2) @ p).view(b, n_kv, n_heads // n_kv, l, l).sum(2)  # [B, n_kv, L, L]
         ctx = torch.einsum("bni,bgnm,bmj->gij", x, pp, x).double()
     received = p.sum(dim=(1, 2)).reshape(-1, 1)  # [B·L, 1]: attention each key gets, over heads and queries
-    xa = torch.cat((x, torch.ones(*x.shape[:-1], 1)), dim=-1).reshape(b * l, -1)
+    xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(b * l, -1)
     key = (xa.T @ (xa * received)).double()
     return hist, ctx, key
 
 
 @torch.no_grad()
 def calibrate(*, source: SourceModel, tokens: torch.Tensor, sample_sequences: int = 4, batch: int = 8,
-              value_contexts: bool = True, progress: bool = True) -> list[LayerCalibration]:
+              value_contexts: bool = True, device: str | torch.device = "cpu", progress: bool = True,
+              desc: str = "calibrating layers") -> list[LayerCalibration]:
     """Run the source layer by layer on ``tokens [N, L]`` and collect each layer's :class:`LayerCalibration`
     (``sigma_ctx`` only with ``value_contexts``).
 
-    Runs in float32 on CPU; the hidden states of all ``N`` sequences are kept (``N·L·hidden`` floats).
+    Runs in float32 on ``device``; the hidden states of all ``N`` sequences are kept (``N·L·hidden`` floats).
     """
-    prop = Propagation(source=source, tokens=tokens, batch=batch)
+    prop = Propagation(source=source, tokens=tokens, batch=batch, device=device)
     out = []
-    for i in tqdm(range(source.n_layers), desc="calibrating layers", unit="layer", disable=not progress):
+    for i in tqdm(range(source.n_layers), desc=desc, unit="layer", disable=not progress):
         out.append(prop.layer_calibration(i, sample_sequences=sample_sequences, value_contexts=value_contexts))
         prop.advance(i)
     return out
@@ -154,22 +156,24 @@ class Propagation:
     for sequential conversion, through the converted attention block and the source MLP (the next layer is then
     calibrated on what the converted model really feeds it).
 
-    Memory: one source layer plus ``N·L·hidden`` floats.
+    Memory: one source layer plus ``N·L·hidden`` floats, on ``device`` (the statistics are returned on the CPU).
     """
 
-    def __init__(self, *, source: SourceModel, tokens: torch.Tensor, batch: int = 8):
-        self.source, self.batch = source, batch
+    def __init__(self, *, source: SourceModel, tokens: torch.Tensor, batch: int = 8, device: str | torch.device = "cpu"):
+        self.source, self.batch, self.device = source, batch, torch.device(device)
         self.config = _hf_config(source)
         rotary = _rotary(source, self.config)
-        self.pos = torch.arange(tokens.shape[1])[None]
-        self.h = torch.nn.functional.embedding(tokens, source.get("model.embed_tokens.weight").float())
-        self.cos, self.sin = rotary(self.h[:1], self.pos)
-        self.inv_freq = rotary.inv_freq.double().clone()
+        self.pos = torch.arange(tokens.shape[1], device=self.device)[None]
+        embed = source.get("model.embed_tokens.weight")
+        self.h = torch.nn.functional.embedding(tokens.to(self.device), embed.to(self.device).float())
+        del embed
+        self.cos, self.sin = rotary.to(self.device)(self.h[:1], self.pos)
+        self.inv_freq = rotary.inv_freq.double().cpu().clone()
         self._layer = None
 
     def _load(self, i: int):
         if self._layer is None or self._layer[0] != i:
-            self._layer = (i, _decoder_layer(self.source, self.config, i, torch.float32))
+            self._layer = (i, _decoder_layer(self.source, self.config, i, torch.float32).to(self.device))
         return self._layer[1]
 
     @torch.no_grad()
@@ -186,13 +190,14 @@ class Propagation:
         src, layer = self.source, self._load(i)
         hd, nh, nkv, hidden = src.head_dim, src.n_heads, src.n_kv, src.hidden
         n, l = self.h.shape[:2]
-        sigma = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
-        hist = torch.zeros(nh, l, dtype=torch.float64)
-        ctx = torch.zeros(nkv, hidden, hidden, dtype=torch.float64)
-        key = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
+        dev = self.device
+        sigma = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64, device=dev)
+        hist = torch.zeros(nh, l, dtype=torch.float64, device=dev)
+        ctx = torch.zeros(nkv, hidden, hidden, dtype=torch.float64, device=dev)
+        key = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64, device=dev)
         sample, kept = [], 0
         for x in self.inputs(i):
-            xa = torch.cat((x, torch.ones(*x.shape[:-1], 1)), dim=-1).reshape(-1, hidden + 1).double()
+            xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(-1, hidden + 1).double()
             sigma += xa.T @ xa
             dh, dc, dk = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, value_contexts)
             hist += dh
@@ -200,8 +205,9 @@ class Propagation:
             if dc is not None:
                 ctx += dc
             if kept < sample_sequences:
-                sample.append(x[: sample_sequences - kept].clone())
+                sample.append(x[: sample_sequences - kept].cpu())
                 kept += sample[-1].shape[0]
+        sigma, hist, ctx, key = (t.cpu() for t in (sigma, hist, ctx, key))
         sigma /= n * l
         if not math.isfinite(float(sigma.diagonal().sum())):
             raise Mha2mlaError(f"layer {i}: calibration activations are not finite; the source overflows in float32 on this data")

@@ -17,6 +17,7 @@ from mha2mla.cli import user_errors
 @click.option("--calibration", default=None, help="Calibration text: .txt/.jsonl file, directory, or hf:DATASET.")
 @click.option("--calibration-samples", type=int, default=96, show_default=True, help="Calibration sequences.")
 @click.option("--calibration-length", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--device", default="cpu", show_default=True, help="Where calibration runs: cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True, help="Output dtype.")
 @click.option("--max-shard-size", default="500MB", show_default=True, help="Largest output safetensors shard (the writer buffers one shard in memory).")
 @click.option("--report", is_flag=True, help="Also write mha2mla-report.png (error per layer, energy vs rank).")
@@ -24,13 +25,14 @@ from mha2mla.cli import user_errors
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, calibration, calibration_samples, calibration_length,
-                dtype, max_shard_size, report, force, quiet):
+                device, dtype, max_shard_size, report, force, quiet):
     """Convert SOURCE (HF directory, hub id or .gguf file) into a native DeepseekV3 MLA checkpoint."""
     from mha2mla.conversion import convert
 
     res = convert(source=source, output=output, rank=rank, kv_budget=kv_budget, rope_dim=rope_dim, rope_stride=rope_stride,
                   calibration=calibration, calibration_samples=calibration_samples,
-                  calibration_length=calibration_length, dtype=dtype, force=force, max_shard_size=max_shard_size, report=report, progress=not quiet)
+                  calibration_length=calibration_length, dtype=dtype, force=force, max_shard_size=max_shard_size,
+                  report=report, device=device, progress=not quiet)
     kv = res.record["kv_cache"]
     port = res.record["portability"]
     click.echo(f"wrote {res.output} in {res.seconds:.1f} s")

@@ -127,9 +127,10 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
                 inv_freq: torch.Tensor) -> tuple[dict, float]:
     """Refit layer ``i``'s value path so its output on the calibration inputs matches the source layer's; returns the
     tensors and the relative output error on the calibration tokens after the fit."""
-    f32 = {k: v.float() for k, v in tensors.items()}
-    w32 = AttentionWeights(**{k: None if v is None else v.float() for k, v in vars(attn).items()})
-    src_angles = torch.arange(prop.h.shape[1], dtype=torch.float32)[:, None] * inv_freq.float()
+    dev = prop.device
+    f32 = {k: v.to(dev, torch.float32) for k, v in tensors.items()}
+    w32 = AttentionWeights(**{k: None if v is None else v.to(dev, torch.float32) for k, v in vars(attn).items()})
+    src_angles = torch.arange(prop.h.shape[1], dtype=torch.float32, device=dev)[:, None] * inv_freq.to(dev, torch.float32)
     mla_angles = _mla_angles(plan, src_angles)
     joint = plan.n_heads * plan.rank <= JOINT_MAX_FEATURES
     fit = (ValuePathFit if joint else HeadwiseValueFit)(plan=plan, intercept=plan.attention_bias)
@@ -148,20 +149,36 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
         # measured, not inferred from the normal equations: the written tensors on the first calibration batch
         x = next(iter(prop.inputs(i)))
         ref = source_attention(weights=w32, x=x, angles=src_angles, **shape)
-        got = mla_attention(tensors={k: v.float() for k, v in new.items()}, plan=plan, x=x, angles=mla_angles)
+        got = mla_attention(tensors={k: v.to(dev, torch.float32) for k, v in new.items()}, plan=plan, x=x, angles=mla_angles)
         rel = relative_output_error(ref, got / plan.residual_scale)
     return new, rel
 
 
 def _mla_angles(plan: ConversionPlan, src_angles: torch.Tensor) -> torch.Tensor:
-    return src_angles[:, kept_frequencies(head_dim=plan.head_dim, rope_dim=plan.rope_dim, stride=plan.rope_stride)]
+    kept = kept_frequencies(head_dim=plan.head_dim, rope_dim=plan.rope_dim, stride=plan.rope_stride)
+    return src_angles[:, kept.to(src_angles.device)]
 
 
-def _converted_attention(plan: ConversionPlan, tensors: dict, inv_freq: torch.Tensor, length: int):
+def _converted_attention(plan: ConversionPlan, tensors: dict, inv_freq: torch.Tensor, length: int, device: torch.device):
     """The converted attention block as a function of its input, in source residual scale (for sequential calibration)."""
-    f32 = {k: v.float() for k, v in tensors.items()}
-    angles = _mla_angles(plan, torch.arange(length, dtype=torch.float32)[:, None] * inv_freq.float())
+    f32 = {k: v.to(device, torch.float32) for k, v in tensors.items()}
+    pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+    angles = _mla_angles(plan, pos * inv_freq.to(device, torch.float32))
     return lambda x: mla_attention(tensors=f32, plan=plan, x=x, angles=angles) / plan.residual_scale
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise Mha2mlaError(f"--device {device!r} is not a torch device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Mha2mlaError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise Mha2mlaError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type not in ("cpu", "cuda"):
+        raise Mha2mlaError(f"--device {device}: only cpu and cuda are supported")
+    return dev
 
 
 def _describe(calibration) -> str | None:
@@ -221,6 +238,7 @@ def convert(
     force: bool = False,
     max_shard_size: str | int = "500MB",
     report: bool = False,
+    device: str = "cpu",
     progress: bool = True,
 ) -> ConversionResult:
     """Convert a Llama/Mistral/Qwen2 checkpoint into a native ``DeepseekV3ForCausalLM`` MLA checkpoint.
@@ -242,6 +260,8 @@ def convert(
         force: replace an existing ``output``.
         max_shard_size: largest output shard, e.g. ``"500MB"`` (one shard is buffered, and copied once while it is written).
         report: also write ``mha2mla-report.png`` (error per layer, energy vs rank) next to the weights.
+        device: where calibration runs (the layer forwards, statistics and output fit): ``cpu``, ``cuda``, ``cuda:1``…
+            The factorisation itself runs on the CPU in float64/float32.
         progress: show a progress bar per layer.
 
     Returns:
@@ -260,6 +280,7 @@ def convert(
                            "or give --rank and --rope-dim")
     if kv_budget is not None and rope_dim is not None:
         raise Mha2mlaError("--kv-budget chooses --rope-dim itself; drop --rope-dim (or use --rank)")
+    device = _check_device(device) if calibration is not None else torch.device("cpu")
     src = load_source(source)
     budget_info = None
     if kv_budget is not None:
@@ -275,14 +296,15 @@ def convert(
         choose_stride = rope_stride is None and src.rope["rope_type"] == "default"
         if budget_info is not None or choose_stride:
             # the schedule and split are global choices: decide them on a quick pass over a few sequences
-            pre = calibrate(source=src, tokens=tokens[:PLAN_SEQUENCES], value_contexts=method.value_refit, progress=progress)
+            pre = calibrate(source=src, tokens=tokens[:PLAN_SEQUENCES], value_contexts=method.value_refit, device=device,
+                            progress=progress, desc="choosing the RoPE schedule")
             if budget_info is not None:
                 plan, calib_info["kv_budget"] = _choose_split(src, pre, method, kv_budget, budget_info, rope_stride, dtype)
                 rank, rope_dim = plan.rank, plan.rope_dim
             else:
                 plan, calib_info["rope_stride_shares"] = _choose_stride(src, plan, pre, method, rope_dim, dtype, rank)
             del pre
-        prop = Propagation(source=src, tokens=tokens)
+        prop = Propagation(source=src, tokens=tokens, device=device)
     shard_bytes = parse_size(max_shard_size)
     compute = _compute_dtype(plan.hidden)
     out_dt = plan.torch_dtype
@@ -298,7 +320,8 @@ def convert(
             writer.add("lm_head.weight", head.to(out_dt))
         del embed
         writer.add("model.norm.weight", src.get("model.norm.weight").to(out_dt))
-        bar = tqdm(range(plan.n_layers), desc="converting layers", unit="layer", disable=not progress)
+        desc = "calibrating and converting layers" if prop is not None else "converting layers"
+        bar = tqdm(range(plan.n_layers), desc=desc, unit="layer", disable=not progress)
         for i in bar:
             t_layer = time.time()
             attn, rest = _layer_tensors(src, i, compute)
@@ -310,7 +333,7 @@ def convert(
             if prop is not None:
                 if method.output_fit:
                     new, st.output_fit_rel_error = _fit_output(prop, i, plan, attn, new, calib.inv_freq)
-                prop.advance(i, _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1]) if method.sequential else None)
+                prop.advance(i, _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1], prop.device) if method.sequential else None)
                 del calib
             stats.append(st)
             p = f"model.layers.{i}."

@@ -59,6 +59,7 @@ def write_record(directory: str, *, source: SourceModel, plan: ConversionPlan, s
         "layers": [s.to_dict() for s in stats],
         "mean_k_rel_error": sum(s.k_rel_error for s in stats) / max(len(stats), 1),
         "mean_v_rel_error": sum(s.v_rel_error for s in stats) / max(len(stats), 1),
+        "mean_output_fit_rel_error": _mean([s.output_fit_rel_error for s in stats]),
         "portability": {
             "vllm_sglang_portable": not blockers,
             "blockers": blockers,
@@ -102,7 +103,7 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
   shared by all heads; the rest of each key lost its rotation.
 - Keys (no-RoPE part) and values of all KV heads factorised jointly into a {plan['rank']}-dim latent
   ({'calibrated on ' + str(record['options'].get('calibration')) if record['options'].get('calibration') else 'data-free truncated SVD'}).
-  Mean relative error: keys {record['mean_k_rel_error']:.4f}, values {record['mean_v_rel_error']:.4f}.
+  Mean relative error: keys {record['mean_k_rel_error']:.4f}, values {record['mean_v_rel_error']:.4f}.{_fit_line(record)}
 - The latent RMSNorm acts linearly (tiny latent scale, large norm weight); rms_norm_eps 1e-6 (residual stream rescaled by
   {plan['residual_scale']:.6g}).
 - No fine-tuning{'' if not record.get('heal') else ' before healing (see `mha2mla.json`)'}.
@@ -123,3 +124,16 @@ Details (per-layer errors, versions, options): `mha2mla.json`.
 """
     with open(os.path.join(directory, "README.md"), "w") as f:
         f.write(card)
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fit_line(record: dict) -> str:
+    fit = record.get("mean_output_fit_rel_error")
+    if fit is None:
+        return ""
+    return (f"\n- Each head's value up-projection and `o_proj` refit so the converted layer's attention output matches the"
+            f"\n  source's on the calibration tokens (mean relative error after the fit {fit:.4f}).")

@@ -28,6 +28,8 @@ def write_report(directory: str, *, stats: list[LayerStats], rank: int) -> str:
     ax1.plot(layers, [s.v_rel_error for s in stats], "s-", label="values")
     if any(s.output_rel_error is not None for s in stats):
         ax1.plot(layers, [s.output_rel_error or 0 for s in stats], "^-", label="attention output (calibration)")
+    if any(s.output_fit_rel_error is not None for s in stats):
+        ax1.plot(layers, [s.output_fit_rel_error or 0 for s in stats], "v-", label="attention output after value fit")
     ax1.set(xlabel="layer", ylabel="relative error", title=f"Error per layer at rank {rank}")
     ax1.legend()
     ax1.grid(alpha=0.3)

@@ -42,14 +42,15 @@ class ValuePathFit:
         self.n = 0
 
     def add(self, *, contexts: torch.Tensor, target: torch.Tensor) -> None:
-        """``contexts [B, H, L, R]`` (:func:`mha2mla.reference.mla_head_contexts`), ``target [B, L, hidden]``."""
+        """``contexts [B, H, L, R]`` (:func:`mha2mla.reference.mla_head_contexts`), ``target [B, L, hidden]``, on any
+        device (the moments are kept on the CPU in float64)."""
         b, h, l, r = contexts.shape
         z = contexts.permute(0, 2, 1, 3).reshape(b * l, h * r).float()
         y = target.reshape(b * l, -1).float()
-        self.zz += (z.T @ z).double()
-        self.yz += (y.T @ z).double()
-        self.z_sum += z.sum(0).double()
-        self.y_sum += y.sum(0).double()
+        self.zz += (z.T @ z).double().cpu()
+        self.yz += (y.T @ z).double().cpu()
+        self.z_sum += z.sum(0).double().cpu()
+        self.y_sum += y.sum(0).double().cpu()
         self.yy += float(y.double().pow(2).sum())
         self.n += b * l
 
@@ -169,10 +170,10 @@ class HeadwiseValueFit:
     def add(self, *, contexts: torch.Tensor, target: torch.Tensor) -> None:
         """``contexts [B, H, L, R]``, ``target [B, H, L, head_dim]`` (each source head's output before ``o_proj``)."""
         z, o = contexts.float(), target.float()
-        self.zz += torch.einsum("bhlr,bhls->hrs", z, z).double()
-        self.oz += torch.einsum("bhld,bhlr->hdr", o, z).double()
-        self.z_sum += z.sum((0, 2)).double()
-        self.o_sum += o.sum((0, 2)).double()
+        self.zz += torch.einsum("bhlr,bhls->hrs", z, z).double().cpu()
+        self.oz += torch.einsum("bhld,bhlr->hdr", o, z).double().cpu()
+        self.z_sum += z.sum((0, 2)).double().cpu()
+        self.o_sum += o.sum((0, 2)).double().cpu()
         self.n += z.shape[0] * z.shape[2]
 
     def solve(self, *, prior: torch.Tensor, ridge: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -225,6 +225,19 @@ def test_output_inside_the_source(base, tmp_path):
     assert sorted(os.listdir(src)) == before
 
 
+@pytest.mark.parametrize("device,phrase", [
+    ("mps", "only cpu and cuda are supported"),
+    ("tpu", "is not a torch device"),
+    pytest.param("cuda", "torch sees no CUDA device here", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="a CUDA device is present")),
+])
+def test_bad_calibration_device(base, tmp_path, device, phrase):
+    data = tmp_path / "calib.txt"
+    data.write_text("the cat sat on the mat. " * 400)
+    out = tmp_path / "out"
+    _assert_user_error(_convert(base["src"], out, "--calibration", data, "--device", device), phrase, out)
+
+
 # --- calibration, heal and eval data -------------------------------------------------------------------------------
 
 

@@ -132,6 +132,7 @@ def test_sequential_conversion_records_fit_and_beats_no_fit(tiny_source, tmp_pat
     kw = dict(rank=10, rope_dim=8, progress=False, calibration=str(corpus), calibration_samples=8, calibration_length=32)
     fitted = mha2mla.convert(source=src, output=str(tmp_path / "fit"), **kw)
     assert all(0 <= layer["output_fit_rel_error"] < 1 for layer in fitted.record["layers"])
+    assert "mean relative error after the fit" in (tmp_path / "fit" / "README.md").read_text()
     plain = mha2mla.convert(source=src, output=str(tmp_path / "plain"), method=Method(output_fit=False, sequential=False), **kw)
     assert all(layer["output_fit_rel_error"] is None for layer in plain.record["layers"])
     from test_calibration import _held_out_error
