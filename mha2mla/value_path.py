@@ -55,7 +55,7 @@ class ValuePathFit:
         self.n += b * l
 
     def solve(self, *, prior: torch.Tensor | None = None, ridge: float = 1e-4,
-              sweeps: int = 3) -> tuple[list[torch.Tensor], torch.Tensor | None, float]:
+              sweeps: int = 1) -> tuple[list[torch.Tensor], torch.Tensor | None, float]:
         """Least squares, shrunk towards ``prior`` (``[hidden, H·R]``, the analytic value path; zero when None) by
         ``ridge·mean(diag E[zzᵀ])``.
 
