@@ -61,8 +61,9 @@ def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TARGET_EPS))
 
 
-def mla_attention(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """DeepseekV3 attention from converted ``tensors`` (names relative to ``self_attn.``); ``angles [L, D/2]``."""
+def _mla_scores_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor):
+    """DeepseekV3 queries and keys ``[B, heads, L, hd+D]`` (rope part rotated), the latent ``c [B, L, R]`` and the
+    values ``[B, heads, L, hd]``."""
     b, l, _ = x.shape
     n_h, hd, d, r = plan.n_heads, plan.head_dim, plan.rope_dim, plan.rank
     if "q_proj.weight" in tensors:
@@ -76,10 +77,15 @@ def mla_attention(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, angle
     k_pe = _rotate_interleaved(kv_a[..., r:], angles)[:, None]  # [B, 1, L, D]
     kv = (c @ tensors["kv_b_proj.weight"].T).view(b, l, n_h, 2 * hd).transpose(1, 2)
     k_nope, v = kv[..., :hd], kv[..., hd:]
-    q_pe = _rotate_interleaved(q[..., hd:], angles)
-    qq = torch.cat((q[..., :hd], q_pe), dim=-1)
+    qq = torch.cat((q[..., :hd], _rotate_interleaved(q[..., hd:], angles)), dim=-1)
     kk = torch.cat((k_nope, k_pe.expand(-1, n_h, -1, -1)), dim=-1)
-    out = _causal_attention(qq, kk, v, (hd + d) ** -0.5)
+    return qq, kk, c, v
+
+
+def mla_attention(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """DeepseekV3 attention from converted ``tensors`` (names relative to ``self_attn.``); ``angles [L, D/2]``."""
+    qq, kk, _, v = _mla_scores_inputs(tensors, plan, x, angles)
+    out = _causal_attention(qq, kk, v, (plan.head_dim + plan.rope_dim) ** -0.5)
     return out @ tensors["o_proj.weight"].T + tensors.get("o_proj.bias", 0)
 
 
@@ -88,26 +94,12 @@ def relative_output_error(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-
-
 def mla_head_contexts(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """``[B, heads, L, R]``: each head's attention-weighted latent ``c̄_h,m = Σ_n p_h,mn c_n`` in the converted layer.
 
     The value path is linear in it: head ``h`` outputs ``W_upV,h c̄_h``, and the layer ``Σ_h W_o,h W_upV,h c̄_h``.
     """
-    b, l, _ = x.shape
-    n_h, hd, d, r = plan.n_heads, plan.head_dim, plan.rope_dim, plan.rank
-    if "q_proj.weight" in tensors:
-        q = x @ tensors["q_proj.weight"].T
-    else:
-        qa = x @ tensors["q_a_proj.weight"].T + tensors["q_a_proj.bias"]
-        q = _rms(qa, tensors["q_a_layernorm.weight"]) @ tensors["q_b_proj.weight"].T
-    q = q.view(b, l, n_h, hd + d).transpose(1, 2)
-    kv_a = x @ tensors["kv_a_proj_with_mqa.weight"].T + tensors.get("kv_a_proj_with_mqa.bias", 0)
-    c = _rms(kv_a[..., :r], tensors["kv_a_layernorm.weight"])
-    k_pe = _rotate_interleaved(kv_a[..., r:], angles)[:, None]
-    k_nope = (c @ tensors["kv_b_proj.weight"].T).view(b, l, n_h, 2 * hd)[..., :hd].transpose(1, 2)
-    qq = torch.cat((q[..., :hd], _rotate_interleaved(q[..., hd:], angles)), dim=-1)
-    kk = torch.cat((k_nope, k_pe.expand(-1, n_h, -1, -1)), dim=-1)
-    cc = c[:, None].expand(-1, n_h, -1, -1)
-    return torch.nn.functional.scaled_dot_product_attention(qq, kk, cc, is_causal=True, scale=(hd + d) ** -0.5)
+    qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, angles)
+    cc = c[:, None].expand(-1, plan.n_heads, -1, -1)
+    return torch.nn.functional.scaled_dot_product_attention(qq, kk, cc, is_causal=True,
+                                                            scale=(plan.head_dim + plan.rope_dim) ** -0.5)
