@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     method_kw = {}
     for item in filter(None, args.method.split(",")):
         key, _, val = item.partition("=")
-        method_kw[key.strip()] = int(val) if key.strip() == "alternating" else val.strip() not in ("0", "false", "no")
+        kind = type(getattr(Method(), key.strip()))
+        method_kw[key.strip()] = kind(val) if kind in (int, float) else val.strip() not in ("0", "false", "no")
     method = Method(**method_kw)
     budgets = parse_budgets(args.budgets)
     assets = Path(args.assets)

@@ -22,10 +22,11 @@ if [[ $WHAT == all || $WHAT == ablation ]]; then
   $AB --label "+out-weighted " --method weighted_rope=0,balance_search=0,value_refit=0,expected_rotation=0,$NEW --out benchmarks/results/ablation-2.json
   $AB --label "+weighted-rope " --method balance_search=0,value_refit=0,expected_rotation=0,$NEW --out benchmarks/results/ablation-3.json
   $AB --label "+balance-search " --method value_refit=0,expected_rotation=0,$NEW --out benchmarks/results/ablation-4.json
-  $AB --label "+value-refit " --method value_refit=1,expected_rotation=0,$NEW --out benchmarks/results/ablation-5.json
-  $AB --label "+rho-fold " --method value_refit=1,$NEW --out benchmarks/results/ablation-6.json
-  $AB --label "+output-fit " --method value_refit=1,sequential=0,attention_weighted_keys=0 --out benchmarks/results/ablation-7.json
-  $AB --label "+attn-weighted-keys " --method value_refit=1,sequential=0 --out benchmarks/results/ablation-8.json
-  $AB --label "+sequential " --method value_refit=1 --out benchmarks/results/ablation-9.json
-  $AB --label "-value-refit " --out benchmarks/results/ablation-10.json
+  $AB --label "+value-refit " --method value_refit=1,alternating=0,expected_rotation=0,$NEW --out benchmarks/results/ablation-5.json
+  $AB --label "+rho-fold " --method value_refit=1,alternating=0,$NEW --out benchmarks/results/ablation-6.json
+  $AB --label "+output-fit " --method value_refit=1,alternating=0,sequential=0,attention_weighted_keys=0 --out benchmarks/results/ablation-7.json
+  $AB --label "+attn-weighted-keys " --method value_refit=1,alternating=0,sequential=0 --out benchmarks/results/ablation-8.json
+  $AB --label "+sequential " --method value_refit=1,alternating=0 --out benchmarks/results/ablation-9.json
+  $AB --label "-value-refit " --method value_refit=0,alternating=0 --out benchmarks/results/ablation-10.json
+  $AB --label "+context-ALS latent " --out benchmarks/results/ablation-11.json
 fi

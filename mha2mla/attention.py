@@ -95,10 +95,13 @@ class Method:
         activation_aware: the latent minimises the error on real inputs (``E[xxᵀ]``), not on the weights.
         output_weighted: keys weighted by the queries that read them, values by ``W_o``.
         balance_search: the key/value balance is chosen by measuring the layer's output on calibration inputs.
-        value_refit: refit ``W_upV`` by least squares on the attention-averaged inputs that values really see
-            (superseded by ``output_fit``; off by default).
-        alternating: rounds of alternating least squares for the shared latent projection when keys and values see
-            different input statistics (0: the weighted SVD alone; needs ``value_refit``).
+        value_refit: measure the second moment of the attention-averaged inputs that values really see
+            (``x̄ = Σ_n p_mn x_n``, per KV group) and fit the value side on it instead of on the token inputs.
+        alternating: rounds of alternating least squares for the shared latent projection ``W_down`` with keys on
+            their token inputs and values on the averaged ones (needs ``value_refit``; 0: only ``W_upV`` is refit on
+            them, the latent stays the weighted SVD's).
+        context_sequences: calibration sequences the averaged-input moment is measured on (0: all; it is the
+            costliest statistic).
         output_fit: refit every head's value up-projection and ``W_o`` by least squares so the converted layer's output
             (under its own attention weights) matches the source layer's on the calibration tokens
             (:mod:`mha2mla.value_path`).
@@ -113,11 +116,12 @@ class Method:
     activation_aware: bool = True
     output_weighted: bool = True
     balance_search: bool = True
-    value_refit: bool = False
-    alternating: int = 0
+    value_refit: bool = True
+    alternating: int = 3
     output_fit: bool = True
     sequential: bool = True
     attention_weighted_keys: bool = True
+    context_sequences: int = 64
 
 
 BALANCE_GRID = (1 / 16, 1 / 4, 1.0, 4.0, 16.0)
@@ -225,14 +229,17 @@ def convert_attention(
     chosen_kw, out_err = 1.0, None
     if calib is not None and method.balance_search:
         base = _balance_scale(k_rows, weights.v, factor_kw)
-        x = calib.x_sample.to(k_rows.dtype)
-        pos = torch.arange(x.shape[1], dtype=k_rows.dtype)[:, None]
-        ref = source_attention(weights=weights, x=x, angles=pos * calib.inv_freq.to(x.dtype), n_heads=n_h, n_kv=n_kv, head_dim=hd)
-        angles = pos * calib.inv_freq.to(x.dtype)[freqs]
+        # ranked in float32 (the search only orders the candidates)
+        x = calib.x_sample.float()
+        pos = torch.arange(x.shape[1], dtype=torch.float32)[:, None]
+        w32 = AttentionWeights(**{k: None if v is None else v.float() for k, v in vars(weights).items()})
+        ref = source_attention(weights=w32, x=x, angles=pos * calib.inv_freq.float(), n_heads=n_h, n_kv=n_kv, head_dim=hd)
+        angles = pos * calib.inv_freq.float()[freqs]
         best = None
         for g in BALANCE_GRID:
             (tensors, _), _ = assemble(base * g, final=False)  # the search ranks balances; ALS refines the winner
-            err = relative_output_error(ref * plan.residual_scale, mla_attention(tensors=tensors, plan=plan, x=x, angles=angles))
+            t32 = {k: v.float() for k, v in tensors.items()}
+            err = relative_output_error(ref * plan.residual_scale, mla_attention(tensors=t32, plan=plan, x=x, angles=angles))
             if best is None or err < best[0]:
                 best = (err, base * g)
         out_err, chosen_kw = best
@@ -291,7 +298,8 @@ def _assemble(*, plan: ConversionPlan, weights: AttentionWeights, latent, q_nope
     out["kv_a_proj_with_mqa.weight"] = torch.cat((latent.down * alpha, k_rope[:, :hidden]), dim=0)
     out["kv_a_layernorm.weight"] = torch.full((plan.rank,), norm_w, dtype=weights.k.dtype)
     up_k = latent.up_k.reshape(n_kv, hd, plan.rank)[group]
-    up_v = latent.up_v.reshape(n_kv, hd, plan.rank)[group]
+    up_v = latent.up_v.reshape(-1, hd, plan.rank)  # per KV group, or already per query head
+    up_v = up_v[group] if up_v.shape[0] == n_kv else up_v
     out["kv_b_proj.weight"] = torch.cat((up_k, up_v), dim=1).reshape(n_h * 2 * hd, plan.rank)
 
     q_full = torch.cat((q_nope, q_rope), dim=1) * math.sqrt((hd + d) / hd)  # softmax scale (hd+D)^-½ → hd^-½

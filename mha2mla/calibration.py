@@ -29,11 +29,14 @@ class LayerCalibration:
         distance_hist: ``[n_heads, L]`` attention mass at query−key distance Δ.
         inv_freq: ``[head_dim/2]`` source rotary frequencies (with the source's rope scaling).
         x_sample: ``[S, L, hidden]`` attention inputs of a few sequences, to measure candidates on.
-        sigma_ctx: ``[n_kv, hidden, hidden]`` second moment of the attention-averaged inputs ``x̄ = Σ_n p_mn x_n``
-            seen by the value path, summed over the query heads of each KV group.
+        sigma_ctx: ``[n_kv, hidden, hidden]`` second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n``
+            seen by the value path, summed over the query heads of each KV group (measured on the first
+            ``context_sequences`` sequences).
         sigma_key: ``[hidden+1, hidden+1]`` second moment of ``[x;1]`` over keys, each key weighted by the attention
             it receives (``Σ_h Σ_m p_h,mn``, normalised): a key's error costs in proportion to how much it is read
             (attention sinks above all).
+        head_outputs: per batch of :meth:`Propagation.inputs`, each source head's attention output before ``o_proj``
+            (``[b, n_heads, L, head_dim]``, on the calibration device), when asked for: the output fit's targets.
     """
 
     sigma: torch.Tensor
@@ -42,6 +45,7 @@ class LayerCalibration:
     x_sample: torch.Tensor
     sigma_ctx: torch.Tensor | None = None
     sigma_key: torch.Tensor | None = None
+    head_outputs: list[torch.Tensor] | None = None
 
 
 def calibration_tokens(*, source: SourceModel, data: str | list[str], samples: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -98,10 +102,13 @@ def _rotary(source: SourceModel, config):
 
 @torch.no_grad()
 def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
-                     hd: int, contexts: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """For one batch ``x [B, L, hidden]``: attention mass per head at each distance Δ = m − n; per KV group the summed
-    second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n`` (as ``Xᵀ(Σ_h P_hᵀP_h)X``); and the
-    second moment of ``[x;1]`` with each key weighted by the attention it receives."""
+                     hd: int, contexts: bool, ctx_rows: int = 0,
+                     outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """For one batch ``x [B, L, hidden]``: attention mass per head at each distance Δ = m − n; per query head the
+    second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n`` (summed over the query heads of each KV
+    group, as ``Xᵀ(Σ_h P_hᵀP_h)X``, on the first ``ctx_rows`` sequences); and the
+    second moment of ``[x;1]`` with each key weighted by the attention it receives; with ``outputs``, each head's
+    attention output ``[B, H, L, hd]`` (before ``o_proj``)."""
     attn = layer.self_attn
     b, l, _ = x.shape
     q = attn.q_proj(x).view(b, l, n_heads, hd).transpose(1, 2)
@@ -123,12 +130,17 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     hist.scatter_add_(1, idx.reshape(1, -1).expand(n_heads, -1), flat)
     ctx = None
     if contexts:
-        pp = (p.transpose(-1, -2) @ p).view(b, n_kv, n_heads // n_kv, l, l).sum(2)  # [B, n_kv, L, L]
-        ctx = torch.einsum("bni,bgnm,bmj->gij", x, pp, x).double()
+        pc = p[:ctx_rows]
+        pp = (pc.transpose(-1, -2) @ pc).view(ctx_rows, n_kv, n_heads // n_kv, l, l).sum(2)  # [b, n_kv, L, L]
+        ctx = torch.einsum("bni,bgnm,bmj->gij", x[:ctx_rows], pp, x[:ctx_rows]).double()
     received = p.sum(dim=(1, 2)).reshape(-1, 1)  # [B·L, 1]: attention each key gets, over heads and queries
     xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(b * l, -1)
     key = (xa.T @ (xa * received)).double()
-    return hist, ctx, key
+    heads = None
+    if outputs:
+        v = attn.v_proj(x).view(b, l, n_kv, hd).transpose(1, 2).repeat_interleave(n_heads // n_kv, dim=1)
+        heads = p @ v  # [B, H, L, hd]
+    return hist, ctx, key, heads
 
 
 @torch.no_grad()
@@ -184,9 +196,11 @@ class Propagation:
             yield layer.input_layernorm(self.h[s : s + self.batch])
 
     @torch.no_grad()
-    def layer_calibration(self, i: int, *, sample_sequences: int = 4, value_contexts: bool = True) -> LayerCalibration:
+    def layer_calibration(self, i: int, *, sample_sequences: int = 4, value_contexts: bool = True,
+                          context_sequences: int | None = None, head_outputs: bool = False) -> LayerCalibration:
         """Layer ``i``'s :class:`LayerCalibration` on the current hidden states (``sigma_ctx`` only with
-        ``value_contexts``: it costs a third of the statistics)."""
+        ``value_contexts``, on the first ``context_sequences`` sequences, all when None: it is the costly part;
+        ``head_outputs`` keeps the source heads' outputs, ``N·L·hidden`` floats)."""
         src, layer = self.source, self._load(i)
         hd, nh, nkv, hidden = src.head_dim, src.n_heads, src.n_kv, src.hidden
         n, l = self.h.shape[:2]
@@ -195,11 +209,19 @@ class Propagation:
         hist = torch.zeros(nh, l, dtype=torch.float64, device=dev)
         ctx = torch.zeros(nkv, hidden, hidden, dtype=torch.float64, device=dev)
         key = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64, device=dev)
-        sample, kept = [], 0
+        sample, kept, n_ctx, outs = [], 0, 0, []
+        ctx_limit = n if context_sequences is None else min(n, context_sequences)
         for x in self.inputs(i):
             xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(-1, hidden + 1).double()
             sigma += xa.T @ xa
-            dh, dc, dk = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, value_contexts)
+            want_ctx = value_contexts and n_ctx < ctx_limit
+            if want_ctx:
+                x_ctx = x[: ctx_limit - n_ctx]
+                n_ctx += x_ctx.shape[0]
+            dh, dc, dk, ho = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, want_ctx,
+                                              ctx_rows=x_ctx.shape[0] if want_ctx else 0, outputs=head_outputs)
+            if ho is not None:
+                outs.append(ho)
             hist += dh
             key += dk
             if dc is not None:
@@ -212,19 +234,21 @@ class Propagation:
         if not math.isfinite(float(sigma.diagonal().sum())):
             raise Mha2mlaError(f"layer {i}: calibration activations are not finite; the source overflows in float32 on this data")
         return LayerCalibration(sigma=sigma, distance_hist=hist, inv_freq=self.inv_freq, x_sample=torch.cat(sample),
-                                sigma_ctx=(ctx / (n * l)).float() if value_contexts else None, sigma_key=key / (n * l * nh))
+                                sigma_ctx=(ctx / max(n_ctx * l, 1)).float() if value_contexts else None, sigma_key=key / (n * l * nh),
+                                head_outputs=outs if head_outputs else None)
 
     @torch.no_grad()
     def advance(self, i: int, attention=None) -> None:
-        """Move past layer ``i``: through the source layer, or with ``attention(x)`` (the converted attention block in
-        source residual scale) in place of the source attention."""
+        """Move past layer ``i``: through the source layer, or with a converted attention block in place of the source
+        attention (source residual scale): a function ``attention(x)`` of the attention input, or a list of its outputs
+        per batch of :meth:`inputs` (already computed)."""
         layer = self._load(i)
-        for s in range(0, self.h.shape[0], self.batch):
+        for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
             sl = slice(s, s + self.batch)
             h = self.h[sl]
             if attention is None:
                 self.h[sl] = layer(h, attention_mask=None, position_ids=self.pos, position_embeddings=(self.cos, self.sin))
             else:
-                h = h + attention(layer.input_layernorm(h))
+                h = h + (attention[n] if isinstance(attention, list) else attention(layer.input_layernorm(h)))
                 self.h[sl] = h + layer.mlp(layer.post_attention_layernorm(h))
         self._layer = None

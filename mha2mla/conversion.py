@@ -13,10 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mha2mla.attention import AttentionWeights, LayerStats, Method, choose_rope_stride, convert_attention, rope_frequency_scores
-from mha2mla.calibration import Propagation, calibrate, calibration_tokens
+from mha2mla.calibration import LayerCalibration, Propagation, calibrate, calibration_tokens
 from mha2mla.errors import Mha2mlaError
 from mha2mla.plan import ConversionPlan, make_plan
-from mha2mla.reference import mla_attention, mla_head_contexts, relative_output_error, source_attention
+from mha2mla.reference import (mla_attention, mla_head_contexts, mla_output_from_contexts, relative_output_error,
+                               source_attention)
 from mha2mla.rope import kept_frequencies
 from mha2mla.record import write_model_card, write_record
 from mha2mla.source import TOKENIZER_FILES, SourceModel, load_source
@@ -30,7 +31,7 @@ __all__ = ["convert", "ConversionResult"]
 # Up to this hidden size the layer math runs in float64 (cheap, and exact to ~1e-12); above it in float32.
 FLOAT64_MAX_HIDDEN = 2048
 # Sequences of the calibration set on which the global choices (RoPE schedule, kv-budget split) are made.
-PLAN_SEQUENCES = 16
+PLAN_SEQUENCES = 8
 
 
 def _compute_dtype(hidden: int) -> torch.dtype:
@@ -123,22 +124,44 @@ def _choose_split(src, calibs, method, budget, dims, rope_stride, dtype):
     return errors[best][1], info
 
 
+# The output fit keeps each calibration batch's converted head contexts for the step past the layer when they take at
+# most this many floats (N·L·heads·rank; 35M for SmolLM2 at 160+32); above it the converted layer is run again.
+CONTEXT_CACHE_MAX_FLOATS = 256 * 2**20
+
+
 def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: AttentionWeights, tensors: dict,
-                inv_freq: torch.Tensor) -> tuple[dict, float]:
-    """Refit layer ``i``'s value path so its output on the calibration inputs matches the source layer's; returns the
-    tensors and the relative output error on the calibration tokens after the fit."""
+                calib: LayerCalibration) -> tuple[dict, float, list | None]:
+    """Refit layer ``i``'s value path so its output on the calibration inputs matches the source layer's.
+
+    Returns the tensors, the relative output error on the first calibration batch after the fit (measured on the
+    written tensors), and the converted layer's outputs per batch (source residual scale) when they were cheap to keep.
+    """
     dev = prop.device
     f32 = {k: v.to(dev, torch.float32) for k, v in tensors.items()}
     w32 = AttentionWeights(**{k: None if v is None else v.to(dev, torch.float32) for k, v in vars(attn).items()})
-    src_angles = torch.arange(prop.h.shape[1], dtype=torch.float32, device=dev)[:, None] * inv_freq.to(dev, torch.float32)
+    src_angles = torch.arange(prop.h.shape[1], dtype=torch.float32, device=dev)[:, None] * calib.inv_freq.to(dev, torch.float32)
     mla_angles = _mla_angles(plan, src_angles)
     joint = plan.n_heads * plan.rank <= JOINT_MAX_FEATURES
     fit = (ValuePathFit if joint else HeadwiseValueFit)(plan=plan, intercept=plan.attention_bias)
     shape = dict(n_heads=plan.n_heads, n_kv=plan.n_kv, head_dim=plan.head_dim)
+    keep = prop.h.shape[0] * prop.h.shape[1] * plan.n_heads * plan.rank <= CONTEXT_CACHE_MAX_FLOATS
+    kept, first = [], None
+
+    def as_output(heads: torch.Tensor) -> torch.Tensor:  # source heads [B, H, L, hd] → the block's output
+        return heads.transpose(1, 2).flatten(2) @ w32.o.T + (0 if w32.o_bias is None else w32.o_bias)
+
     with torch.no_grad():
-        for x in prop.inputs(i):
-            target = source_attention(weights=w32, x=x, angles=src_angles, heads=not joint, **shape)
-            fit.add(contexts=mla_head_contexts(tensors=f32, plan=plan, x=x, angles=mla_angles), target=target)
+        for n, x in enumerate(prop.inputs(i)):
+            if calib.head_outputs is not None:
+                heads = calib.head_outputs[n]
+            else:
+                heads = source_attention(weights=w32, x=x, angles=src_angles, heads=True, **shape)
+            contexts = mla_head_contexts(tensors=f32, plan=plan, x=x, angles=mla_angles)
+            fit.add(contexts=contexts, target=heads if not joint else as_output(heads))
+            if n == 0:
+                first = (contexts, as_output(heads))
+            if keep:
+                kept.append(contexts)
         if joint:
             maps, bias, _ = fit.solve(prior=value_path_prior(tensors=tensors, plan=plan))
             new = with_value_path(tensors=tensors, plan=plan, maps=maps, bias=bias)
@@ -146,12 +169,14 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
             prior = tensors["kv_b_proj.weight"].reshape(plan.n_heads, 2 * plan.head_dim, plan.rank)[:, plan.head_dim:]
             up_v, head_bias = fit.solve(prior=prior)
             new = with_head_values(tensors=tensors, plan=plan, up_v=up_v, head_bias=head_bias, o_bias=attn.o_bias)
-        # measured, not inferred from the normal equations: the written tensors on the first calibration batch
-        x = next(iter(prop.inputs(i)))
-        ref = source_attention(weights=w32, x=x, angles=src_angles, **shape)
-        got = mla_attention(tensors={k: v.to(dev, torch.float32) for k, v in new.items()}, plan=plan, x=x, angles=mla_angles)
-        rel = relative_output_error(ref, got / plan.residual_scale)
-    return new, rel
+        # measured on the written tensors (values are linear in the latent: the contexts give the layer's output)
+        n32 = {k: v.to(dev, torch.float32) for k, v in new.items()}
+        got = mla_output_from_contexts(tensors=n32, plan=plan, contexts=first[0]) / plan.residual_scale
+        rel = relative_output_error(first[1], got)
+        outputs = None
+        if keep:
+            outputs = [mla_output_from_contexts(tensors=n32, plan=plan, contexts=c) / plan.residual_scale for c in kept]
+    return new, rel, outputs
 
 
 def _mla_angles(plan: ConversionPlan, src_angles: torch.Tensor) -> torch.Tensor:
@@ -296,7 +321,7 @@ def convert(
         choose_stride = rope_stride is None and src.rope["rope_type"] == "default"
         if budget_info is not None or choose_stride:
             # the schedule and split are global choices: decide them on a quick pass over a few sequences
-            pre = calibrate(source=src, tokens=tokens[:PLAN_SEQUENCES], value_contexts=method.value_refit, device=device,
+            pre = calibrate(source=src, tokens=tokens[:PLAN_SEQUENCES], value_contexts=False, device=device,
                             progress=progress, desc="choosing the RoPE schedule")
             if budget_info is not None:
                 plan, calib_info["kv_budget"] = _choose_split(src, pre, method, kv_budget, budget_info, rope_stride, dtype)
@@ -328,13 +353,21 @@ def convert(
             _check_shapes(src, attn, i)
             gamma = rest["input_layernorm.weight"].to(compute)
             bound = math.sqrt(plan.hidden) * float(gamma.abs().max())
-            calib = None if prop is None else prop.layer_calibration(i, value_contexts=method.value_refit)
+            calib = None if prop is None else prop.layer_calibration(
+                i, value_contexts=method.value_refit, context_sequences=method.context_sequences or None,
+                head_outputs=method.output_fit)
             new, st = convert_attention(plan=plan, weights=attn, input_norm_bound=bound, calib=calib, method=method)
             if prop is not None:
+                outputs = None
                 if method.output_fit:
-                    new, st.output_fit_rel_error = _fit_output(prop, i, plan, attn, new, calib.inv_freq)
-                prop.advance(i, _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1], prop.device) if method.sequential else None)
-                del calib
+                    new, st.output_fit_rel_error, outputs = _fit_output(prop, i, plan, attn, new, calib)
+                if i == plan.n_layers - 1:
+                    pass  # nothing reads the hidden states past the last layer
+                elif not method.sequential:
+                    prop.advance(i)
+                else:
+                    prop.advance(i, outputs or _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1], prop.device))
+                del calib, outputs
             stats.append(st)
             p = f"model.layers.{i}."
             for n, t in new.items():

@@ -199,32 +199,41 @@ def _fit_up(rows: torch.Tensor, down: torch.Tensor, sigma: torch.Tensor, ridge: 
     return torch.linalg.solve(gram, (rows @ a_s.transpose(-1, -2)).transpose(-1, -2)).transpose(-1, -2)
 
 
+def _ridge_inverse(m: torch.Tensor, ridge: float = 1e-9) -> torch.Tensor:
+    m = (m + m.T) / 2
+    scale = float(m.diagonal().mean().clamp_min(1e-300))
+    return torch.linalg.inv(m + ridge * scale * torch.eye(m.shape[0], dtype=m.dtype))
+
+
 def refine_latent(
     *, k: torch.Tensor, v: torch.Tensor, down: torch.Tensor, sigma_k: torch.Tensor, sigma_v: torch.Tensor,
     weight_k: torch.Tensor | None = None, weight_v: torch.Tensor | None = None, k_weight: float = 1.0,
-    iters: int = 4, cg_iters: int = 40,
+    iters: int = 4, cg_iters: int = 5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alternating least squares when keys and values see different input statistics.
 
-    Minimises ``k_weight·Σ_g ‖W_k,g^{½}(K_g − B_k,g A)Σ_k^{½}‖² + Σ_g ‖W_v,g^{½}(V_g − B_v,g A)Σ_v,g^{½}‖²``: keys see the
-    token inputs (``Σ_k``), values the attention-averaged ones (``Σ_v,g`` per KV group). Each round fits the
+    Minimises ``k_weight·Σ_g ‖W_k,g^{½}(K_g − B_k,g A)Σ_k^{½}‖² + Σ_b ‖W_v,b^{½}(V_b − B_v,b A)Σ_v,b^{½}‖²``: keys see the
+    token inputs (``Σ_k``), value blocks ``b`` (KV groups, or query heads each with its own up-projection) the
+    attention-averaged ones (``Σ_v,b``). Each round fits the
     up-projections in closed form, then the shared ``A`` by conjugate gradients on
-    ``Σ_b P_b A Σ_b = Σ_b B_bᵀ W_b M_b Σ_b`` (``P_b = B_bᵀ W_b B_b``). Starts from ``down``; never increases the objective.
+    ``Σ_b P_b A Σ_b = Σ_b B_bᵀ W_b M_b Σ_b`` (``P_b = B_bᵀ W_b B_b``), preconditioned by ``(Σ_b P_b)⁻¹ · Σ̄⁻¹``.
+    Starts from ``down``; never increases the objective.
 
     Args:
-        k: ``[n_kv·hd, in]``; v: ``[n_kv·hd, in]``; down: ``[R, in]`` initial latent projection.
-        sigma_k: ``[in, in]``; sigma_v: ``[n_kv, in, in]``.
-        weight_k, weight_v: ``[n_kv, hd, hd]`` PSD output weights (identity when None).
+        k: ``[n_kv·hd, in]``; v: ``[n_v·hd, in]`` (``n_v`` value blocks); down: ``[R, in]`` initial latent projection.
+        sigma_k: ``[in, in]``; sigma_v: ``[n_v, in, in]``.
+        weight_k: ``[n_kv, hd, hd]``, weight_v: ``[n_v, hd, hd]`` PSD output weights (identity when None).
 
     Returns:
         ``(down, up_k, up_v)``.
     """
-    n_kv = sigma_v.shape[0]
-    hd = k.shape[0] // n_kv
-    kg, vg = k.reshape(n_kv, hd, -1), v.reshape(n_kv, hd, -1)
-    eye = torch.eye(hd, dtype=k.dtype).expand(n_kv, hd, hd)
-    wk = (eye if weight_k is None else weight_k) * k_weight
-    wv = eye if weight_v is None else weight_v
+    n_v = sigma_v.shape[0]
+    hd = v.shape[0] // n_v
+    n_k = k.shape[0] // hd
+    kg, vg = k.reshape(n_k, hd, -1), v.reshape(n_v, hd, -1)
+    eye = torch.eye(hd, dtype=k.dtype)
+    wk = (eye.expand(n_k, hd, hd) if weight_k is None else weight_k) * k_weight
+    wv = eye.expand(n_v, hd, hd) if weight_v is None else weight_v
 
     def objective(a, bk, bv):
         ek, ev = kg - bk @ a, vg - bv @ a
@@ -244,23 +253,34 @@ def refine_latent(
         def op(x):
             return pk_sum @ x @ sigma_k + torch.einsum("grs,si,gij->rj", pv, x, sigma_v)
 
+        # preconditioner: the Kronecker approximation P̄ ⊗ Σ̄ of the operator (exact when all blocks see one Σ)
+        tk, tv = float(pk_sum.diagonal().sum()), pv.diagonal(dim1=1, dim2=2).sum(-1)
+        sig_bar = (tk * sigma_k + torch.einsum("g,gij->ij", tv, sigma_v)) / max(tk + float(tv.sum()), 1e-300)
+        p_inv = _ridge_inverse(pk_sum + pv.sum(0))
+        s_inv = _ridge_inverse(sig_bar)
+
+        def precond(res):
+            return p_inv @ res @ s_inv
+
         x = a.clone()
         r = rhs - op(x)
-        p = r.clone()
-        rs = float((r * r).sum())
-        tol = 1e-12 * float((rhs * rhs).sum())
+        zr = precond(r)
+        p = zr.clone()
+        rz = float((r * zr).sum())
+        tol = 1e-24 * float((rhs * rhs).sum())
         for _ in range(cg_iters):
-            if rs <= tol:
+            if float((r * r).sum()) <= tol or rz <= 0:
                 break
             ap = op(p)
-            step = rs / float((p * ap).sum())
+            step = rz / float((p * ap).sum())
             x = x + step * p
             r = r - step * ap
-            rs_new = float((r * r).sum())
-            p = r + (rs_new / rs) * p
-            rs = rs_new
+            zr = precond(r)
+            rz_new = float((r * zr).sum())
+            p = zr + (rz_new / rz) * p
+            rz = rz_new
         if objective(x, bk, bv) <= objective(a, bk, bv):
             a = x
     bk = _fit_up(kg, a, sigma_k)
     bv = _fit_up(vg, a, sigma_v)
-    return a, bk.reshape(n_kv * hd, -1), bv.reshape(n_kv * hd, -1)
+    return a, bk.reshape(n_k * hd, -1), bv.reshape(n_v * hd, -1)

@@ -12,7 +12,7 @@ import torch
 
 from mha2mla.plan import TARGET_EPS, ConversionPlan
 
-__all__ = ["source_attention", "mla_attention", "mla_head_contexts", "relative_output_error"]
+__all__ = ["source_attention", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error"]
 
 
 def _rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -61,9 +61,9 @@ def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TARGET_EPS))
 
 
-def _mla_scores_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor):
+def _mla_scores_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor, values: bool = True):
     """DeepseekV3 queries and keys ``[B, heads, L, hd+D]`` (rope part rotated), the latent ``c [B, L, R]`` and the
-    values ``[B, heads, L, hd]``."""
+    values ``[B, heads, L, hd]`` (None unless ``values``)."""
     b, l, _ = x.shape
     n_h, hd, d, r = plan.n_heads, plan.head_dim, plan.rope_dim, plan.rank
     if "q_proj.weight" in tensors:
@@ -75,8 +75,10 @@ def _mla_scores_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, ang
     kv_a = x @ tensors["kv_a_proj_with_mqa.weight"].T + tensors.get("kv_a_proj_with_mqa.bias", 0)
     c = _rms(kv_a[..., :r], tensors["kv_a_layernorm.weight"])
     k_pe = _rotate_interleaved(kv_a[..., r:], angles)[:, None]  # [B, 1, L, D]
-    kv = (c @ tensors["kv_b_proj.weight"].T).view(b, l, n_h, 2 * hd).transpose(1, 2)
-    k_nope, v = kv[..., :hd], kv[..., hd:]
+    kv_b = tensors["kv_b_proj.weight"].view(n_h, 2 * hd, r)
+    kv_b = kv_b if values else kv_b[:, :hd]
+    kv = (c @ kv_b.reshape(-1, r).T).view(b, l, n_h, -1).transpose(1, 2)
+    k_nope, v = kv[..., :hd], (kv[..., hd:] if values else None)
     qq = torch.cat((q[..., :hd], _rotate_interleaved(q[..., hd:], angles)), dim=-1)
     kk = torch.cat((k_nope, k_pe.expand(-1, n_h, -1, -1)), dim=-1)
     return qq, kk, c, v
@@ -99,7 +101,16 @@ def mla_head_contexts(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, a
 
     The value path is linear in it: head ``h`` outputs ``W_upV,h c̄_h``, and the layer ``Σ_h W_o,h W_upV,h c̄_h``.
     """
-    qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, angles)
+    qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
     cc = c[:, None].expand(-1, plan.n_heads, -1, -1)
     return torch.nn.functional.scaled_dot_product_attention(qq, kk, cc, is_causal=True,
                                                             scale=(plan.head_dim + plan.rope_dim) ** -0.5)
+
+
+def mla_output_from_contexts(*, tensors: dict, plan: ConversionPlan, contexts: torch.Tensor) -> torch.Tensor:
+    """The attention block's output ``[B, L, hidden]`` from :func:`mla_head_contexts` (equal to :func:`mla_attention`
+    on the same input: values are linear in the latent, so ``Σ_n p_mn W_upV c_n = W_upV c̄_m``)."""
+    n_h, hd, r = plan.n_heads, plan.head_dim, plan.rank
+    up_v = tensors["kv_b_proj.weight"].reshape(n_h, 2 * hd, r)[:, hd:]
+    heads = torch.einsum("bhlr,hdr->blhd", contexts, up_v.to(contexts.dtype)).flatten(2)
+    return heads @ tensors["o_proj.weight"].T.to(heads.dtype) + tensors.get("o_proj.bias", 0)

@@ -139,3 +139,33 @@ def test_kv_budget_chooses_a_split_by_measurement(tiny_source, tmp_path, corpus)
         mha2mla.convert(source=src, output=str(tmp_path / "c"), kv_budget=24)
     with pytest.raises(mha2mla.Mha2mlaError, match="either --rank"):
         mha2mla.convert(source=src, output=str(tmp_path / "c"), rank=8, kv_budget=24, calibration=corpus)
+
+
+def test_latent_step_solves_its_normal_equations_with_per_head_value_blocks():
+    """One alternating round with many CG steps gives the exact minimiser over ``A`` for the fitted up-projections
+    (checked against the dense Kronecker solve), with more value blocks (query heads) than key blocks (KV heads)."""
+    from mha2mla.factorize import _fit_up
+
+    g = torch.Generator().manual_seed(4)
+    n_kv, n_h, hd, d, r = 2, 4, 3, 7, 4
+    k = torch.randn(n_kv * hd, d, generator=g, dtype=torch.float64)
+    v = torch.randn(n_h * hd, d, generator=g, dtype=torch.float64)
+
+    def psd(n):
+        m = torch.randn(n, n + 2, generator=g, dtype=torch.float64)
+        return m @ m.T / n
+
+    sk, sv = psd(d), torch.stack([psd(d) for _ in range(n_h)])
+    wv = torch.stack([psd(hd) for _ in range(n_h)])
+    start = factorize_latent(k=k, v=v[: n_kv * hd], rank=r, input_sqrt_cov=sqrtm_psd(sk)).down
+    a, bk, bv = refine_latent(k=k, v=v, down=start, sigma_k=sk, sigma_v=sv, weight_v=wv, iters=1, cg_iters=200)
+    assert bk.shape == (n_kv * hd, r) and bv.shape == (n_h * hd, r)
+    # The same round by hand: up-projections for ``start``, then A from vec(Σ_b P_b A Σ_b) = vec(rhs).
+    bk0 = _fit_up(k.reshape(n_kv, hd, d), start, sk)
+    bv0 = _fit_up(v.reshape(n_h, hd, d), start, sv)
+    op = sum(torch.kron(b.T @ b, sk) for b in bk0)
+    op = op + sum(torch.kron(b.T @ w @ b, s) for b, w, s in zip(bv0, wv, sv))
+    rhs = sum(b.T @ kk @ sk for b, kk in zip(bk0, k.reshape(n_kv, hd, d)))
+    rhs = rhs + sum(b.T @ w @ vv @ s for b, w, vv, s in zip(bv0, wv, v.reshape(n_h, hd, d), sv))
+    want = torch.linalg.solve(op, rhs.reshape(-1)).reshape(r, d)
+    assert torch.allclose(a, want, rtol=1e-6, atol=1e-8)

@@ -153,3 +153,35 @@ def test_output_fit_keeps_a_biased_full_rank_conversion_exact(tiny_source, tmp_p
                           calibration=str(corpus), calibration_samples=4, calibration_length=32)
     assert all(layer["output_fit_rel_error"] < 1e-3 for layer in res.record["layers"])
     assert _held_out_error(src, str(tmp_path / "q")) < 1e-4
+
+
+def test_output_from_contexts_equals_the_layer_and_calibration_keeps_source_heads(tiny_source, tmp_path):
+    from mha2mla.reference import mla_output_from_contexts
+
+    src, plan = _plan(tiny_source)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 20)
+    tokens = calibration_tokens(source=src, data=str(corpus), samples=3, length=24)
+    attn, tensors, x, angles, mla_angles = _layer(src, plan, tokens)
+    ctx = mla_head_contexts(tensors=tensors, plan=plan, x=x, angles=mla_angles)
+    direct = mla_attention(tensors=tensors, plan=plan, x=x, angles=mla_angles)
+    assert torch.allclose(mla_output_from_contexts(tensors=tensors, plan=plan, contexts=ctx), direct, atol=1e-9)
+    # The statistics pass keeps each source head's output: the output fit's targets, without a second source pass.
+    calib = Propagation(source=src, tokens=tokens).layer_calibration(0, head_outputs=True)
+    heads = source_attention(weights=attn, x=x, angles=angles, n_heads=plan.n_heads, n_kv=plan.n_kv,
+                             head_dim=plan.head_dim, heads=True)
+    assert torch.allclose(torch.cat(calib.head_outputs).double(), heads, rtol=1e-4, atol=1e-5)
+
+
+def test_kept_layer_outputs_move_the_stream_like_rerunning_the_layer(tiny_source, tmp_path, monkeypatch):
+    import mha2mla.conversion as conversion
+
+    src = tiny_source(n_kv=2, head_dim=16, seed=8, layers=3)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 20)
+    kw = dict(rank=10, rope_dim=8, progress=False, calibration=str(corpus), calibration_samples=4, calibration_length=32)
+    kept = mha2mla.convert(source=src, output=str(tmp_path / "kept"), **kw)
+    monkeypatch.setattr(conversion, "CONTEXT_CACHE_MAX_FLOATS", 0)  # run the converted layer again instead
+    rerun = mha2mla.convert(source=src, output=str(tmp_path / "rerun"), **kw)
+    for a, b in zip(kept.record["layers"], rerun.record["layers"]):
+        assert a["output_fit_rel_error"] == pytest.approx(b["output_fit_rel_error"], rel=1e-3, abs=1e-6)
