@@ -218,7 +218,7 @@ def convert_attention(
             if method.alternating > 0 and final:
                 lk, lv = factor_kw.get("left_k"), factor_kw.get("left_v")
                 latent.down, latent.up_k, latent.up_v = refine_latent(
-                    k=k_rows, v=weights.v, down=latent.down, sigma_k=calib.sigma[:-1, :-1].to(k_rows.dtype),
+                    k=k_rows, v=weights.v, down=latent.down, sigma_k=_key_sigma(calib, method)[:-1, :-1].to(k_rows.dtype),
                     sigma_v=sig_v, weight_k=None if lk is None else lk @ lk, weight_v=None if lv is None else lv @ lv,
                     k_weight=k_weight, iters=method.alternating)
             else:
