@@ -112,5 +112,5 @@ def mla_output_from_contexts(*, tensors: dict, plan: ConversionPlan, contexts: t
     on the same input: values are linear in the latent, so ``Σ_n p_mn W_upV c_n = W_upV c̄_m``)."""
     n_h, hd, r = plan.n_heads, plan.head_dim, plan.rank
     up_v = tensors["kv_b_proj.weight"].reshape(n_h, 2 * hd, r)[:, hd:]
-    heads = torch.einsum("bhlr,hdr->blhd", contexts, up_v.to(contexts.dtype)).flatten(2)
+    heads = torch.matmul(contexts, up_v.transpose(1, 2).to(contexts.dtype)).transpose(1, 2).flatten(2)
     return heads @ tensors["o_proj.weight"].T.to(heads.dtype) + tensors.get("o_proj.bias", 0)
