@@ -97,8 +97,8 @@ class Method:
         balance_search: the key/value balance is chosen by measuring the layer's output on calibration inputs.
         value_refit: measure the second moment of the attention-averaged inputs that values really see
             (``x̄ = Σ_n p_mn x_n``, per KV group) and fit the value side on it instead of on the token inputs.
-        alternating: rounds of alternating least squares for the shared latent projection ``W_down`` with keys on
-            their token inputs and values on the averaged ones (needs ``value_refit``; 0: only ``W_upV`` is refit on
+        alternating: rounds of alternating least squares for the shared latent projection ``W_down`` with keys under
+            the key-side moment (attention-weighted when ``attention_weighted_keys``) and values on the averaged inputs (needs ``value_refit``; 0: only ``W_upV`` is refit on
             them, the latent stays the weighted SVD's).
         context_sequences: calibration sequences the averaged-input moment is measured on (0: all; it is the
             costliest statistic).
@@ -298,8 +298,7 @@ def _assemble(*, plan: ConversionPlan, weights: AttentionWeights, latent, q_nope
     out["kv_a_proj_with_mqa.weight"] = torch.cat((latent.down * alpha, k_rope[:, :hidden]), dim=0)
     out["kv_a_layernorm.weight"] = torch.full((plan.rank,), norm_w, dtype=weights.k.dtype)
     up_k = latent.up_k.reshape(n_kv, hd, plan.rank)[group]
-    up_v = latent.up_v.reshape(-1, hd, plan.rank)  # per KV group, or already per query head
-    up_v = up_v[group] if up_v.shape[0] == n_kv else up_v
+    up_v = latent.up_v.reshape(n_kv, hd, plan.rank)[group]
     out["kv_b_proj.weight"] = torch.cat((up_k, up_v), dim=1).reshape(n_h * 2 * hd, plan.rank)
 
     q_full = torch.cat((q_nope, q_rope), dim=1) * math.sqrt((hd + d) / hd)  # softmax scale (hd+D)^-½ → hd^-½

@@ -104,11 +104,10 @@ def _rotary(source: SourceModel, config):
 def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
                      hd: int, contexts: bool, ctx_rows: int = 0,
                      outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """For one batch ``x [B, L, hidden]``: attention mass per head at each distance Δ = m − n; per query head the
-    second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n`` (summed over the query heads of each KV
-    group, as ``Xᵀ(Σ_h P_hᵀP_h)X``, on the first ``ctx_rows`` sequences); and the
-    second moment of ``[x;1]`` with each key weighted by the attention it receives; with ``outputs``, each head's
-    attention output ``[B, H, L, hd]`` (before ``o_proj``)."""
+    """For one batch ``x [B, L, hidden]``: attention mass per head at each distance Δ = m − n; per KV group the summed
+    second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n`` (as ``Xᵀ(Σ_h P_hᵀP_h)X``, on the first
+    ``ctx_rows`` sequences); the second moment of ``[x;1]`` with each key weighted by the attention it receives; and,
+    with ``outputs``, each head's attention output ``[B, H, L, hd]`` (before ``o_proj``)."""
     attn = layer.self_attn
     b, l, _ = x.shape
     q = attn.q_proj(x).view(b, l, n_heads, hd).transpose(1, 2)
@@ -214,12 +213,10 @@ class Propagation:
         for x in self.inputs(i):
             xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(-1, hidden + 1).double()
             sigma += xa.T @ xa
-            want_ctx = value_contexts and n_ctx < ctx_limit
-            if want_ctx:
-                x_ctx = x[: ctx_limit - n_ctx]
-                n_ctx += x_ctx.shape[0]
-            dh, dc, dk, ho = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, want_ctx,
-                                              ctx_rows=x_ctx.shape[0] if want_ctx else 0, outputs=head_outputs)
+            rows = min(x.shape[0], ctx_limit - n_ctx) if value_contexts else 0
+            n_ctx += rows
+            dh, dc, dk, ho = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, rows > 0,
+                                              ctx_rows=rows, outputs=head_outputs)
             if ho is not None:
                 outs.append(ho)
             hist += dh

@@ -157,9 +157,10 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
             else:
                 heads = source_attention(weights=w32, x=x, angles=src_angles, heads=True, **shape)
             contexts = mla_head_contexts(tensors=f32, plan=plan, x=x, angles=mla_angles)
-            fit.add(contexts=contexts, target=heads if not joint else as_output(heads))
+            output = as_output(heads) if joint or n == 0 else None
+            fit.add(contexts=contexts, target=output if joint else heads)
             if n == 0:
-                first = (contexts, as_output(heads))
+                first = (contexts, output)
             if keep:
                 kept.append(contexts)
         if joint:

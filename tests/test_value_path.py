@@ -53,6 +53,12 @@ def test_factor_heads_reproduces_each_map():
         assert torch.allclose(wo[:, 6 * i : 6 * (i + 1)] @ up[i], m, atol=1e-10)
 
 
+def _tokens(src, tmp_path, *, samples, length):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 20)
+    return calibration_tokens(source=src, data=str(corpus), samples=samples, length=length)
+
+
 def _layer(src, plan, tokens):
     from mha2mla.conversion import _layer_tensors
 
@@ -69,9 +75,7 @@ def _layer(src, plan, tokens):
 
 def test_fitted_path_is_what_the_layer_computes_and_fits_better(tiny_source, tmp_path):
     src, plan = _plan(tiny_source)
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(CORPUS * 20)
-    tokens = calibration_tokens(source=src, data=str(corpus), samples=6, length=32)
+    tokens = _tokens(src, tmp_path, samples=6, length=32)
     attn, tensors, x, angles, mla_angles = _layer(src, plan, tokens)
     ctx = mla_head_contexts(tensors=tensors, plan=plan, x=x, angles=mla_angles)
     # The analytic path the tensors hold, applied to the contexts, is exactly the layer's output.
@@ -96,9 +100,7 @@ def test_fitted_path_is_what_the_layer_computes_and_fits_better(tiny_source, tmp
 
 def test_value_contexts_second_moment_matches_the_explicit_average(tiny_source, tmp_path):
     src = load_source(tiny_source(n_kv=2, head_dim=16, layers=1))
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(CORPUS * 20)
-    tokens = calibration_tokens(source=src, data=str(corpus), samples=3, length=24)
+    tokens = _tokens(src, tmp_path, samples=3, length=24)
     calib = calibrate(source=src, tokens=tokens, progress=False)[0]
     prop = Propagation(source=src, tokens=tokens)
     x = torch.cat(list(prop.inputs(0))).double()
@@ -159,9 +161,7 @@ def test_output_from_contexts_equals_the_layer_and_calibration_keeps_source_head
     from mha2mla.reference import mla_output_from_contexts
 
     src, plan = _plan(tiny_source)
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(CORPUS * 20)
-    tokens = calibration_tokens(source=src, data=str(corpus), samples=3, length=24)
+    tokens = _tokens(src, tmp_path, samples=3, length=24)
     attn, tensors, x, angles, mla_angles = _layer(src, plan, tokens)
     ctx = mla_head_contexts(tensors=tensors, plan=plan, x=x, angles=mla_angles)
     direct = mla_attention(tensors=tensors, plan=plan, x=x, angles=mla_angles)
