@@ -5,8 +5,11 @@ intermediate 11008, vocab 32000) and a few layers, written tensor by tensor as s
 512+64 in a child process and reports the child's peak RSS and the time per layer.
 
     python benchmarks/convert_memory.py [--layers 4] [--rank 512] [--rope-dim 64] [--work-dir DIR]
+    python benchmarks/convert_memory.py --tokenizer SMOLLM2_DIR --calibration TEXT --device cuda   # calibrated, on a GPU
 
-Targets (issue: streaming): peak RSS ≤ 2.5 GB for 4 layers, ≤ 15 s per layer on 2 cores.
+Targets (issue: streaming): peak RSS ≤ 2.5 GB for 4 layers, ≤ 15 s per layer on 2 cores. With --calibration the
+checkpoint gets the tokenizer of --tokenizer (and its vocabulary size) and the conversion is the calibrated default
+method on --device; the peak GPU memory is reported too.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 SHAPE = dict(hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000)
 
 
-def build_checkpoint(path: Path, layers: int, seed: int = 0) -> None:
+def build_checkpoint(path: Path, layers: int, seed: int = 0, vocab: int | None = None) -> None:
     """Write a random bf16 Llama checkpoint one layer per shard, never holding more than one layer."""
     import torch
     from safetensors.torch import save_file
@@ -34,7 +38,8 @@ def build_checkpoint(path: Path, layers: int, seed: int = 0) -> None:
         return
     path.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    h, hd, nh, nkv, inter, vocab = (SHAPE[k] for k in ("hidden", "head_dim", "heads", "kv_heads", "intermediate", "vocab"))
+    h, hd, nh, nkv, inter = (SHAPE[k] for k in ("hidden", "head_dim", "heads", "kv_heads", "intermediate"))
+    vocab = vocab or SHAPE["vocab"]
 
     def rnd(*shape, std=0.02):
         return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
@@ -63,13 +68,20 @@ def build_checkpoint(path: Path, layers: int, seed: int = 0) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def child(source: str, output: str, rank: int, rope_dim: int) -> None:
+def child(job: dict) -> None:
+    import torch
+
     import mha2mla
 
     t = time.time()
-    res = mha2mla.convert(source=source, output=output, rank=rank, rope_dim=rope_dim, force=True, progress=False)
+    kw = {}
+    if job.get("calibration"):
+        kw = dict(calibration=job["calibration"], calibration_samples=job["samples"], device=job["device"])
+    res = mha2mla.convert(source=job["source"], output=job["output"], rank=job["rank"], rope_dim=job["rope_dim"],
+                          force=True, progress=False, **kw)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": time.time() - t, "peak_rss_bytes": peak,
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    print(json.dumps({"seconds": time.time() - t, "peak_rss_bytes": peak, "peak_gpu_bytes": gpu,
                       "layer_seconds": [layer["seconds"] for layer in res.record["layers"]]}))
 
 
@@ -80,17 +92,36 @@ def main(argv=None) -> int:
     p.add_argument("--rope-dim", type=int, default=64)
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "mha2mla-membench"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert_memory.json"))
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--tokenizer", help="a model directory whose tokenizer the checkpoint gets (needed by --calibration)")
+    p.add_argument("--calibration", help="calibration text: the calibrated default method instead of data-free")
+    p.add_argument("--samples", type=int, default=96, help="calibration sequences (default 96)")
+    p.add_argument("--device", default="cpu", help="where calibration runs (default cpu)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))
+        child(json.loads(args.child))
         return 0
+    if args.calibration and not args.tokenizer:
+        p.error("--calibration needs --tokenizer (a directory with tokenizer.json)")
     work = Path(args.work_dir)
-    src = work / f"llama2-7b-width-{args.layers}l"
+    vocab = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(args.tokenizer))
+    src = work / (f"llama2-7b-width-{args.layers}l" + ("" if vocab is None else f"-v{vocab}"))
     print(f"building synthetic checkpoint {src} ...", file=sys.stderr, flush=True)
-    build_checkpoint(src, args.layers)
+    build_checkpoint(src, args.layers, vocab=vocab)
+    if args.tokenizer:
+        import shutil
+
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(args.tokenizer) / name).exists():
+                shutil.copy(Path(args.tokenizer) / name, src / name)
     out = work / "converted"
-    cmd = [sys.executable, __file__, "--child", str(src), str(out), str(args.rank), str(args.rope_dim)]
+    job = dict(source=str(src), output=str(out), rank=args.rank, rope_dim=args.rope_dim, calibration=args.calibration,
+               samples=args.samples, device=args.device)
+    cmd = [sys.executable, __file__, "--child", json.dumps(job)]
     print("converting in a child process ...", file=sys.stderr, flush=True)
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -102,7 +133,9 @@ def main(argv=None) -> int:
     rows = [("layers", args.layers), ("source checkpoint size", f"{size / 1e9:.2f} GB"),
             ("rank + rope", f"{args.rank}+{args.rope_dim}"), ("wall time", f"{res['seconds']:.1f} s"),
             ("time per layer (mean / max)", f"{sum(per) / len(per):.2f} s / {max(per):.2f} s"),
+            ("method", f"calibrated ({args.samples} sequences, {args.device})" if args.calibration else "data-free"),
             ("peak RSS", f"{res['peak_rss_bytes'] / 1e9:.2f} GB"),
+            ("peak GPU memory", "–" if res.get("peak_gpu_bytes") is None else f"{res['peak_gpu_bytes'] / 1e9:.2f} GB"),
             ("target", "peak RSS ≤ 2.5 GB, ≤ 15 s per layer")]
     print("| metric | value |\n|---|---|")
     for k, v in rows:
@@ -110,6 +143,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"shape": SHAPE, "layers": args.layers, "rank": args.rank, "rope_dim": args.rope_dim,
+                   "calibration": args.calibration, "samples": args.samples, "device": args.device, "vocab": vocab,
                    "source_bytes": size, **res}, f, indent=2)
     return 0
 

@@ -3,11 +3,14 @@
     python benchmarks/inference.py                                   # tiny + SmolLM2-135M shapes, 1k/4k, 32 tokens
     python benchmarks/inference.py --contexts 1024,4096,8192 --configs smollm2
     python benchmarks/inference.py --source SRC_DIR --converted MLA_DIR --dtype bfloat16
+    python benchmarks/inference.py --device cuda --dtype bfloat16 --configs smollm2,llama2-7b --contexts 4096,16384
 
 Each (model, context) runs in its own subprocess so that peak RSS is per model. Measured on CPU: cache bytes actually
 held after prefill + decode (sum of the cache tensors), peak RSS, prefill time, greedy decode tokens/s (from the
 median decode step, so that other processes competing for the cores distort it less). Prints a
-Markdown table with ratios against the source and writes benchmarks/results/inference.json. Without --source and
+Markdown table with ratios against the source and writes benchmarks/results/inference.json. With --device cuda
+the models are built on the GPU, the timings synchronise the device, and the memory columns are the GPU's (peak
+allocated, and allocated after load) instead of the process RSS. Without --source and
 --converted the models are random-initialised with the right shapes (speed and memory do not depend on the values).
 """
 
@@ -40,8 +43,13 @@ SHAPES = {
         hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, num_hidden_layers=30,
         intermediate_size=1536, vocab_size=49152, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
     ),
+    "llama2-7b": dict(  # Llama-2-7B's config (MHA, 32 heads × 128)
+        hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, head_dim=128, num_hidden_layers=32,
+        intermediate_size=11008, vocab_size=32000, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+    ),
 }
-KV_LORA_RANK, QK_ROPE_HEAD_DIM = 96, 32
+# The converted shapes' latent: kv_lora_rank + qk_rope_head_dim (SmolLM2 at −67 % KV, Llama-2-7B at DeepSeek's 512+64).
+LATENT = {"tiny": (96, 32), "smollm2": (96, 32), "llama2-7b": (512, 64)}
 
 # Analytic shapes for the printed cache-per-token table (bf16, 512 + 64 latent as in DeepSeek-V2/V3).
 ANALYTIC = {
@@ -60,15 +68,16 @@ def _source_config(shape: dict):
     return LlamaConfig(**shape, max_position_embeddings=16384)
 
 
-def _converted_config(shape: dict):
+def _converted_config(name: str):
     from transformers import DeepseekV3Config
 
-    s = dict(shape)
+    rank, rope = LATENT[name]
+    s = dict(SHAPES[name])
     head_dim = s.pop("head_dim")
     layers = s["num_hidden_layers"]
     s.update(
-        num_key_value_heads=s["num_attention_heads"], q_lora_rank=None, kv_lora_rank=KV_LORA_RANK,
-        qk_rope_head_dim=QK_ROPE_HEAD_DIM, qk_nope_head_dim=head_dim, v_head_dim=head_dim, first_k_dense_replace=layers,
+        num_key_value_heads=s["num_attention_heads"], q_lora_rank=None, kv_lora_rank=rank,
+        qk_rope_head_dim=rope, qk_nope_head_dim=head_dim, v_head_dim=head_dim, first_k_dense_replace=layers,
         rope_interleave=True, rms_norm_eps=1e-6, max_position_embeddings=16384,
         tie_word_embeddings=False,  # the conversion unties lm_head when it rescales a source eps of 1e-5 to 1e-6
     )
@@ -79,16 +88,21 @@ def _build(job: dict):
     import torch
     from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, LlamaForCausalLM
 
-    dtype = getattr(torch, job["dtype"])
+    dtype, device = getattr(torch, job["dtype"]), torch.device(job.get("device", "cpu"))
     if job.get("path"):
-        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=dtype, device_map=device)
     else:
         torch.manual_seed(0)  # stock and absorbed get the same weights
-        shape = SHAPES[job["config"]]
-        if job["variant"] == "source":
-            model = LlamaForCausalLM(_source_config(shape))
-        else:
-            model = DeepseekV3ForCausalLM(_converted_config(shape))
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the target dtype on the target device: a 7B fp32 copy is 27 GB
+        try:
+            with device:
+                if job["variant"] == "source":
+                    model = LlamaForCausalLM(_source_config(SHAPES[job["config"]]))
+                else:
+                    model = DeepseekV3ForCausalLM(_converted_config(job["config"]))
+        finally:
+            torch.set_default_dtype(previous)
         model = model.to(dtype)
     model.eval()
     if job["variant"] == "absorbed":
@@ -122,32 +136,41 @@ def worker(job: dict) -> dict:
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
+    cuda = job.get("device", "cpu").startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     model = _build(job)
-    rss_loaded = _rss_now()
+    sync()
+    rss_loaded = torch.cuda.memory_allocated() if cuda else _rss_now()
     vocab = job["vocab"]
     gen = torch.Generator().manual_seed(1234)
-    prompt = torch.randint(0, vocab, (1, job["context"]), generator=gen)
+    prompt = torch.randint(0, vocab, (1, job["context"]), generator=gen).to(model.device)
 
     def run(ids, steps):
         cache = DynamicCache(config=model.config)
+        sync()
         t0 = time.perf_counter()
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        t1 = time.perf_counter()
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens, step_s = [int(tok)], []
+        tokens, step_s = [int(tok)], []  # int() waits for the device
+        t1 = time.perf_counter()
         for _ in range(steps):
             t = time.perf_counter()
             out = model(input_ids=tok, cache=cache, use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            step_s.append(time.perf_counter() - t)
             tokens.append(int(tok))
+            step_s.append(time.perf_counter() - t)
         return cache, tokens, t1 - t0, step_s
 
     with torch.inference_mode():
         run(prompt[:, :32], 2)  # warm-up: first-call allocations and kernel selection
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         cache, tokens, prefill_s, step_s = run(prompt, job["new_tokens"])
         cache_bytes = _cache_bytes(cache)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     from mha2mla.kvcache import kv_cache_bytes
 
     cached_tokens = job["context"] + job["new_tokens"]
@@ -160,6 +183,7 @@ def worker(job: dict) -> dict:
         cache_bytes=cache_bytes,
         cache_bytes_analytic=kv_cache_bytes(model.config, context=cached_tokens, bytes_per_value=elem),
         rss_after_load_bytes=rss_loaded, peak_rss_bytes=peak, tokens=tokens, torch_threads=torch.get_num_threads(),
+        device=job.get("device", "cpu"), memory="gpu allocated" if cuda else "process rss",
     )
 
 
@@ -181,9 +205,10 @@ def _mib(n: float) -> str:
 
 
 def _table(runs: list[dict]) -> str:
+    mem = "GPU" if runs and runs[0].get("memory") == "gpu allocated" else "RSS"
     lines = [
         "| config | ctx | model | prefill s | decode tok/s | ×source | ×stock | cache MiB | cache ×source "
-        "| analytic ×source | peak RSS MiB | RSS after load MiB | greedy = stock |",
+        f"| analytic ×source | peak {mem} MiB | {mem} after load MiB | greedy = stock |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in runs:
@@ -251,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="1024,4096", help="comma-separated prompt lengths (default 1024,4096)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps after the prompt (default 32)")
-    p.add_argument("--configs", default="tiny,smollm2", help="random-initialised shapes: tiny, smollm2")
+    p.add_argument("--configs", default="tiny,smollm2", help="random-initialised shapes: tiny, smollm2, llama2-7b")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--source", help="a real source checkpoint directory (with --converted)")
     p.add_argument("--converted", help="its mha2mla-converted DeepseekV3 directory (with --source)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -269,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--source and --converted go together")
 
     contexts = [int(c) for c in args.contexts.split(",") if c]
-    common = dict(new_tokens=args.new_tokens, dtype=args.dtype, threads=args.threads)
+    common = dict(new_tokens=args.new_tokens, dtype=args.dtype, threads=args.threads, device=args.device)
     if args.source:
         from transformers import AutoConfig
 
@@ -310,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                 torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                 machine=platform.machine(), cpu_count=os.cpu_count(), time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                kv_lora_rank=KV_LORA_RANK, qk_rope_head_dim=QK_ROPE_HEAD_DIM)
+                device=args.device, latent={c: LATENT[c] for c in SHAPES})
     out.write_text(json.dumps(dict(meta=meta, runs=runs, targets=targets, analytic=analytic), indent=2) + "\n")
     print(f"\nwrote {out}", file=sys.stderr)
     return 0

@@ -19,6 +19,7 @@ from mha2mla.plan import ConversionPlan, make_plan
 from mha2mla.reference import (mla_attention, mla_head_contexts, mla_output_from_contexts, relative_output_error,
                                source_attention)
 from mha2mla.rope import kept_frequencies
+from mha2mla.query_fit import fit_queries, query_weight_name, source_log_probs
 from mha2mla.record import write_model_card, write_record
 from mha2mla.source import TOKENIZER_FILES, SourceModel, load_source
 from mha2mla.target_config import deepseek_v3_config
@@ -178,6 +179,31 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
         if keep:
             outputs = [mla_output_from_contexts(tensors=n32, plan=plan, contexts=c) / plan.residual_scale for c in kept]
     return new, rel, outputs
+
+
+def _fit_queries(prop: Propagation, i: int, plan: ConversionPlan, attn: AttentionWeights, tensors: dict,
+                 calib: LayerCalibration, method: Method) -> tuple[dict, float, float]:
+    """Refit layer ``i``'s query weight to the source attention distributions on the first
+    ``method.query_fit_sequences`` calibration sequences (:func:`mha2mla.query_fit.fit_queries`)."""
+    dev = prop.device
+    w32 = AttentionWeights(**{k: None if v is None else v.to(dev, torch.float32) for k, v in vars(attn).items()})
+    src_angles = torch.arange(prop.h.shape[1], dtype=torch.float32, device=dev)[:, None] * calib.inv_freq.to(dev, torch.float32)
+    xs, targets, rows = [], [], 0
+    for x in prop.inputs(i):
+        x = x[: method.query_fit_sequences - rows]
+        xs.append(x)
+        targets.append(source_log_probs(weights=w32, x=x, angles=src_angles, n_heads=plan.n_heads, n_kv=plan.n_kv,
+                                        head_dim=plan.head_dim))
+        rows += x.shape[0]
+        if rows >= method.query_fit_sequences:
+            break
+    f32 = {k: v.to(dev, torch.float32) for k, v in tensors.items()}
+    fitted, info = fit_queries(tensors=f32, plan=plan, inputs=xs, targets=targets, angles=_mla_angles(plan, src_angles),
+                               iterations=method.query_fit)
+    name = query_weight_name(tensors)
+    out = dict(tensors)
+    out[name] = fitted[name].to("cpu", tensors[name].dtype)
+    return out, info["kl_before"], info["kl_after"]
 
 
 def _mla_angles(plan: ConversionPlan, src_angles: torch.Tensor) -> torch.Tensor:
@@ -360,6 +386,8 @@ def convert(
             new, st = convert_attention(plan=plan, weights=attn, input_norm_bound=bound, calib=calib, method=method)
             if prop is not None:
                 outputs = None
+                if method.query_fit > 0:
+                    new, st.query_kl_before, st.query_kl_after = _fit_queries(prop, i, plan, attn, new, calib, method)
                 if method.output_fit:
                     new, st.output_fit_rel_error, outputs = _fit_output(prop, i, plan, attn, new, calib)
                 if i == plan.n_layers - 1:

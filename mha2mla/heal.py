@@ -323,6 +323,8 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
         logger.warning("interrupted at step %d; %s", step, where)
         raise
 
+    loop_s = time.time() - t_loop
+    peak_mem = torch.cuda.max_memory_allocated(acc.device) if acc.device.type == "cuda" else None
     full = acc.get_state_dict(net)  # every process takes part (sharded models gather here)
     record = {
         "source": model_dir, "data": rc.data, "teacher": rc.teacher, "steps": step,
@@ -330,6 +332,8 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
         "step0": {"converted_loss": step0_converted, "training_loss": hist["losses"][0] if hist["losses"] else None},
         **hist, "latent_scales": scales, "trainable_parameters": sum(p.numel() for p in trainable),
         "resumed_from": resumed_from, "recipe": rc.to_dict(), "seconds": round(time.time() - t_start, 1),
+        "tokens_per_second": round((step - first_step) * rows_per_step * rc.seq_len / loop_s, 1) if step > first_step else None,
+        "peak_device_memory_bytes": peak_mem,
         "versions": _versions(),
     }
     if acc.is_main_process:

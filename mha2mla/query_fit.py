@@ -1,0 +1,118 @@
+"""Refit the converted layer's queries so that its attention distributions match the source's (pure math, no I/O).
+
+Sharing one rope key among the KV heads, and dropping the rotation of the slow planes, change the attention scores
+even at full latent rank; the query projection, free in MLA, can absorb much of that. Keys (latent and shared rope
+key) stay as converted; the query weight is fitted by L-BFGS to minimise the mean KL divergence between each source
+head's attention distribution and the converted head's, over calibration inputs::
+
+    min_W  mean_{b,h,m}  KL( p_src[b,h,m,:] ‖ softmax(q_h(W, x_m) · k_n · scale)[:] )
+
+The queries are linear in ``W`` (``q_proj.weight``, or ``q_b_proj.weight`` after the linear query norm), so each step
+is one batched attention-score forward and backward; the converted keys are computed once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mha2mla.plan import ConversionPlan
+from mha2mla.reference import _mla_scores_inputs, _rms, _rotate_half, _rotate_interleaved
+
+__all__ = ["source_log_probs", "fit_queries", "query_weight_name"]
+
+
+def query_weight_name(tensors: dict) -> str:
+    """The converted tensor that maps the (normalised) query input to the heads' queries."""
+    return "q_proj.weight" if "q_proj.weight" in tensors else "q_b_proj.weight"
+
+
+def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+@torch.no_grad()
+def source_log_probs(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int,
+                     head_dim: int) -> torch.Tensor:
+    """Source (Llama/Mistral/Qwen2) attention log-probabilities ``[B, heads, L, L]`` (−inf above the diagonal)."""
+    b, l, _ = x.shape
+
+    def proj(w, bias, heads):
+        return (x @ w.T + (0 if bias is None else bias)).view(b, l, heads, head_dim).transpose(1, 2)
+
+    q = _rotate_half(proj(weights.q, weights.q_bias, n_heads), angles)
+    k = _rotate_half(proj(weights.k, weights.k_bias, n_kv), angles).repeat_interleave(n_heads // n_kv, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
+    return scores.masked_fill(~_causal_mask(l, x.device), float("-inf")).log_softmax(-1)
+
+
+def _query_features(tensors: dict, x: torch.Tensor) -> torch.Tensor:
+    """What the fitted weight multiplies: ``x`` itself, or the (linear) query norm's output."""
+    if "q_proj.weight" in tensors:
+        return x
+    qa = x @ tensors["q_a_proj.weight"].T + tensors["q_a_proj.bias"]
+    return _rms(qa, tensors["q_a_layernorm.weight"])
+
+
+def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                angles: torch.Tensor, iterations: int = 15) -> tuple[dict, dict]:
+    """Fit the converted layer's query weight to the source attention distributions.
+
+    Args:
+        tensors: the converted layer's tensors (names relative to ``self_attn.``), float32, on the inputs' device.
+        plan: the conversion plan.
+        inputs: batches ``[b, L, hidden]`` of attention inputs (after the layer's input norm).
+        targets: for each batch, the source log-probabilities ``[b, heads, L, L]`` (:func:`source_log_probs`).
+        angles: ``[L, rope_dim/2]`` angles of the converted model's rotary frequencies.
+        iterations: L-BFGS iterations (each one or a few forward/backward passes over all batches).
+
+    Returns:
+        ``(tensors, info)``: the tensors with the query weight replaced (other entries shared, not copied), and
+        ``{"kl_before", "kl_after"}``, the mean KL per query and head on the fitted inputs (nats).
+    """
+    if len(inputs) != len(targets) or not inputs:
+        raise ValueError(f"need one target per input batch and at least one batch, got {len(inputs)} and {len(targets)}")
+    name = query_weight_name(tensors)
+    hd, d, n_h = plan.head_dim, plan.rope_dim, plan.n_heads
+    scale = (hd + d) ** -0.5
+    fixed = {k: v for k, v in tensors.items() if k != name}
+    batches = []
+    with torch.no_grad():
+        for x, lp in zip(inputs, targets):
+            _, kk, _, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)  # [b, H, L, hd+d]
+            p = lp.exp()
+            batches.append((_query_features(tensors, x), kk, p, (p * lp.clamp_min(-1e30)).sum(-1)))
+    mask = _causal_mask(inputs[0].shape[1], inputs[0].device)
+    count = sum(int(p.shape[0]) * n_h * int(p.shape[2]) for _, _, p, _ in batches)
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:
+        total = 0.0
+        for z, kk, p, neg_ent in batches:
+            b, l, _ = z.shape
+            q = (z @ w.T).view(b, l, n_h, hd + d).transpose(1, 2)
+            q = torch.cat((q[..., :hd], _rotate_interleaved(q[..., hd:], angles)), dim=-1)
+            logp = ((q @ kk.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")).log_softmax(-1)
+            cross = (p * logp.masked_fill(~mask, 0.0)).sum(-1)
+            total = total + (neg_ent - cross).sum()
+        return total / count
+
+    w0 = tensors[name].detach()
+    with torch.no_grad():
+        before = float(loss_of(w0))
+    w = w0.clone().requires_grad_(True)
+    if iterations > 0:
+        opt = torch.optim.LBFGS([w], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_of(w)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    with torch.no_grad():
+        after = float(loss_of(w))
+        if not after < before or not torch.isfinite(w).all():  # keep the converted queries if the fit did not help
+            w, after = w0, before
+    out = dict(fixed)
+    out[name] = w.detach().to(w0.dtype)
+    return out, {"kl_before": before, "kl_after": after}

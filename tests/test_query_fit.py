@@ -1,0 +1,97 @@
+"""Query refit to the source attention distributions (:mod:`mha2mla.query_fit`)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import CORPUS
+
+import mha2mla
+from mha2mla.attention import AttentionWeights, Method, convert_attention
+from mha2mla.calibration import Propagation, calibration_tokens
+from mha2mla.plan import make_plan
+from mha2mla.query_fit import fit_queries, query_weight_name, source_log_probs
+from mha2mla.rope import kept_frequencies
+from mha2mla.source import load_source
+
+
+def _layer(tiny_source, tmp_path, *, arch="llama", n_kv=2, rope_dim=4, rank=None, samples=12, length=48, **kw):
+    """A tiny source, layer 0 converted with calibration (no query fit), and what the query fit needs."""
+    src = load_source(tiny_source(arch=arch, n_kv=n_kv, head_dim=16, seed=5, **kw))
+    rank = rank or 2 * n_kv * 16
+    plan = make_plan(source=src, rank=rank, rope_dim=rope_dim, rope_stride=None, dtype="float32")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    tokens = calibration_tokens(source=src, data=str(corpus), samples=samples, length=length)
+    prop = Propagation(source=src, tokens=tokens, batch=4)
+    calib = prop.layer_calibration(0)
+    prefix = "model.layers.0.self_attn."
+    names = {"q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
+             "q_bias": "q_proj.bias", "k_bias": "k_proj.bias", "v_bias": "v_proj.bias"}
+    weights = AttentionWeights(**{f: src.get(prefix + n).double() for f, n in names.items() if src.has(prefix + n)})
+    gamma = src.get("model.layers.0.input_layernorm.weight").double()
+    bound = math.sqrt(plan.hidden) * float(gamma.abs().max())
+    tensors, _ = convert_attention(plan=plan, weights=weights, input_norm_bound=bound, calib=calib,
+                                   method=Method(query_fit=0))
+    xs = list(prop.inputs(0))
+    w32 = AttentionWeights(**{k: None if v is None else v.float() for k, v in vars(weights).items()})
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * calib.inv_freq.float()
+    targets = [source_log_probs(weights=w32, x=x, angles=angles, n_heads=plan.n_heads, n_kv=plan.n_kv,
+                                head_dim=plan.head_dim) for x in xs]
+    mla_angles = angles[:, kept_frequencies(head_dim=16, rope_dim=rope_dim, stride=plan.rope_stride)]
+    t32 = {k: v.float() for k, v in tensors.items()}
+    return plan, t32, xs, targets, mla_angles
+
+
+def _kl(plan, tensors, xs, targets, angles) -> float:
+    return fit_queries(tensors=tensors, plan=plan, inputs=xs, targets=targets, angles=angles, iterations=0)[1]["kl_after"]
+
+
+@pytest.mark.parametrize("bias", [False, True])  # q_proj, and q_b_proj behind the linear query norm (biases)
+def test_query_fit_lowers_the_attention_kl_on_held_out_inputs(tiny_source, tmp_path, bias):
+    # 2 KV heads share one rope key of 4 of 16 dims: the converted attention differs from the source at full rank
+    plan, tensors, xs, targets, angles = _layer(tiny_source, tmp_path, attention_bias=bias)
+    fit_x, fit_t, held_x, held_t = xs[:2], targets[:2], xs[2:], targets[2:]
+    fitted, info = fit_queries(tensors=tensors, plan=plan, inputs=fit_x, targets=fit_t, angles=angles, iterations=20)
+    assert info["kl_before"] > 1e-3
+    assert info["kl_after"] < 0.7 * info["kl_before"]
+    held_before, held_after = _kl(plan, tensors, held_x, held_t, angles), _kl(plan, fitted, held_x, held_t, angles)
+    assert held_after < 0.8 * held_before
+    name = query_weight_name(tensors)
+    assert name == ("q_b_proj.weight" if bias else "q_proj.weight")
+    assert not torch.equal(fitted[name], tensors[name])
+    assert all(fitted[k] is tensors[k] for k in tensors if k != name)  # only the query weight changes
+
+
+def test_query_fit_keeps_an_exact_conversion(tiny_source, tmp_path):
+    # MQA with rope on the whole head at full rank is exact: nothing to fit, the queries stay
+    plan, tensors, xs, targets, angles = _layer(tiny_source, tmp_path, n_kv=1, rope_dim=16, rank=32)
+    fitted, info = fit_queries(tensors=tensors, plan=plan, inputs=xs, targets=targets, angles=angles, iterations=10)
+    assert info["kl_before"] < 1e-6 and info["kl_after"] <= info["kl_before"]
+    assert torch.allclose(fitted["q_proj.weight"], tensors["q_proj.weight"], atol=1e-4)
+
+
+def test_query_fit_validates_its_inputs(tiny_source, tmp_path):
+    plan, tensors, xs, targets, angles = _layer(tiny_source, tmp_path, samples=4)
+    with pytest.raises(ValueError, match="one target per input batch"):
+        fit_queries(tensors=tensors, plan=plan, inputs=xs, targets=targets + targets, angles=angles)
+    with pytest.raises(ValueError, match="at least one batch"):
+        fit_queries(tensors=tensors, plan=plan, inputs=[], targets=[], angles=angles)
+
+
+def test_conversion_records_the_query_fit(tiny_source, tmp_path):
+    src = tiny_source(n_kv=2, head_dim=16, seed=5)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    res = mha2mla.convert(source=src, output=str(tmp_path / "out"), rank=24, rope_dim=4, calibration=str(corpus),
+                          calibration_samples=8, calibration_length=32, progress=False)
+    layers = json.loads((tmp_path / "out" / "mha2mla.json").read_text())["layers"]
+    assert len(layers) == len(res.layers) == 2
+    for layer in layers:
+        assert layer["attention_kl_after_query_fit"] < layer["attention_kl_before_query_fit"]
+    off = mha2mla.convert(source=src, output=str(tmp_path / "off"), rank=24, rope_dim=4, calibration=str(corpus),
+                          calibration_samples=8, calibration_length=32, progress=False, method=Method(query_fit=0))
+    assert all(layer.query_kl_before is None for layer in off.layers)
