@@ -117,9 +117,6 @@ class Method:
             distribution matches the source head's (mean KL over the calibration queries, :mod:`mha2mla.query_fit`);
             it absorbs much of what sharing one rope key costs. 0: off.
         query_fit_sequences: calibration sequences the query fit runs on.
-        centered_keys: the latent's key side is fitted under that moment centred on each query's attention mean
-            (needs ``value_refit``'s statistics): a key error shared by all the keys one query reads shifts its logits
-            equally and leaves the softmax unchanged, so the latent spends no rank on it.
     """
 
     expected_rotation: bool = True
@@ -133,7 +130,6 @@ class Method:
     sequential: bool = True
     attention_weighted_keys: bool = True
     context_sequences: int = 64
-    centered_keys: bool = False
     query_fit: int = 15
     query_fit_sequences: int = 16
 
@@ -152,13 +148,6 @@ def _key_sigma(calib: LayerCalibration, method: Method) -> torch.Tensor:
     if method.attention_weighted_keys and calib.sigma_key is not None:
         return calib.sigma_key
     return calib.sigma
-
-
-def _latent_key_sigma(calib: LayerCalibration, method: Method) -> torch.Tensor:
-    """``[hidden, hidden]``: the moment the latent's key side is fitted under (see :class:`Method`)."""
-    if method.centered_keys and method.attention_weighted_keys and calib.sigma_key_centered is not None:
-        return calib.sigma_key_centered.double()
-    return _key_sigma(calib, method)[:-1, :-1]
 
 
 def rope_need(*, q: torch.Tensor, calib: LayerCalibration) -> torch.Tensor:
@@ -223,7 +212,7 @@ def convert_attention(
     if calib is not None:
         sig_x = calib.sigma[:-1, :-1].to(k_rows.dtype)
         if method.activation_aware:
-            factor_kw["input_sqrt_cov"] = sqrtm_psd(_latent_key_sigma(calib, method).to(k_rows.dtype))
+            factor_kw["input_sqrt_cov"] = sqrtm_psd(_key_sigma(calib, method)[:-1, :-1].to(k_rows.dtype))
         if method.output_weighted:
             sig_q = calib.sigma.to(q.dtype) if q.shape[-1] == hidden + 1 else sig_x
             qn = q_nope.reshape(n_h, hd, -1)
@@ -239,7 +228,7 @@ def convert_attention(
             if method.alternating > 0 and final:
                 lk, lv = factor_kw.get("left_k"), factor_kw.get("left_v")
                 latent.down, latent.up_k, latent.up_v = refine_latent(
-                    k=k_rows, v=weights.v, down=latent.down, sigma_k=_latent_key_sigma(calib, method).to(k_rows.dtype),
+                    k=k_rows, v=weights.v, down=latent.down, sigma_k=_key_sigma(calib, method)[:-1, :-1].to(k_rows.dtype),
                     sigma_v=sig_v, weight_k=None if lk is None else lk @ lk, weight_v=None if lv is None else lv @ lv,
                     k_weight=k_weight, iters=method.alternating)
             else:

@@ -35,9 +35,6 @@ class LayerCalibration:
         sigma_key: ``[hidden+1, hidden+1]`` second moment of ``[x;1]`` over keys, each key weighted by the attention
             it receives (``Σ_h Σ_m p_h,mn``, normalised): a key's error costs in proportion to how much it is read
             (attention sinks above all).
-        sigma_key_centered: ``[hidden, hidden]`` the same moment centred on each query's attention mean,
-            ``Σ_h Σ_m Σ_n p_h,mn (x_n − x̄_h,m)(x_n − x̄_h,m)ᵀ`` (normalised; measured with ``sigma_ctx``): softmax
-            ignores a logit error shared by all keys a query reads, so only key errors that vary across them count.
         head_outputs: per batch of :meth:`Propagation.inputs`, each source head's attention output before ``o_proj``
             (``[b, n_heads, L, head_dim]``, on the calibration device), when asked for: the output fit's targets.
     """
@@ -48,7 +45,6 @@ class LayerCalibration:
     x_sample: torch.Tensor
     sigma_ctx: torch.Tensor | None = None
     sigma_key: torch.Tensor | None = None
-    sigma_key_centered: torch.Tensor | None = None
     head_outputs: list[torch.Tensor] | None = None
 
 
@@ -107,12 +103,11 @@ def _rotary(source: SourceModel, config):
 @torch.no_grad()
 def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
                      hd: int, contexts: bool, ctx_rows: int = 0,
-                     outputs: bool = False):
+                     outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """For one batch ``x [B, L, hidden]``: attention mass per head at each distance Δ = m − n; per KV group the summed
     second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n`` (as ``Xᵀ(Σ_h P_hᵀP_h)X``, on the first
-    ``ctx_rows`` sequences); the second moment of ``[x;1]`` with each key weighted by the attention it receives; the
-    same (without the ones column) on the ``ctx_rows`` sequences only, for the centred key moment; and, with
-    ``outputs``, each head's attention output ``[B, H, L, hd]`` (before ``o_proj``)."""
+    ``ctx_rows`` sequences); the second moment of ``[x;1]`` with each key weighted by the attention it receives; and,
+    with ``outputs``, each head's attention output ``[B, H, L, hd]`` (before ``o_proj``)."""
     attn = layer.self_attn
     b, l, _ = x.shape
     q = attn.q_proj(x).view(b, l, n_heads, hd).transpose(1, 2)
@@ -132,7 +127,7 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     hist = torch.zeros(n_heads, l, dtype=torch.float64, device=dev)
     flat = (p * mask).sum(0).reshape(n_heads, -1).double()
     hist.scatter_add_(1, idx.reshape(1, -1).expand(n_heads, -1), flat)
-    ctx = key_ctx = None
+    ctx = None
     if contexts:
         pc = p[:ctx_rows]
         pp = (pc.transpose(-1, -2) @ pc).view(ctx_rows, n_kv, n_heads // n_kv, l, l).sum(2)  # [b, n_kv, L, L]
@@ -140,14 +135,11 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     received = p.sum(dim=(1, 2)).reshape(-1, 1)  # [B·L, 1]: attention each key gets, over heads and queries
     xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(b * l, -1)
     key = (xa.T @ (xa * received)).double()
-    if contexts:
-        xc, rc = x[:ctx_rows].reshape(ctx_rows * l, -1), received[: ctx_rows * l]
-        key_ctx = (xc.T @ (xc * rc)).double()
     heads = None
     if outputs:
         v = attn.v_proj(x).view(b, l, n_kv, hd).transpose(1, 2).repeat_interleave(n_heads // n_kv, dim=1)
         heads = p @ v  # [B, H, L, hd]
-    return hist, ctx, key, key_ctx, heads
+    return hist, ctx, key, heads
 
 
 @torch.no_grad()
@@ -216,7 +208,6 @@ class Propagation:
         hist = torch.zeros(nh, l, dtype=torch.float64, device=dev)
         ctx = torch.zeros(nkv, hidden, hidden, dtype=torch.float64, device=dev)
         key = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64, device=dev)
-        key_ctx = torch.zeros(hidden, hidden, dtype=torch.float64, device=dev)
         sample, kept, n_ctx, outs = [], 0, 0, []
         ctx_limit = n if context_sequences is None else min(n, context_sequences)
         for x in self.inputs(i):
@@ -224,7 +215,7 @@ class Propagation:
             sigma += xa.T @ xa
             rows = min(x.shape[0], ctx_limit - n_ctx) if value_contexts else 0
             n_ctx += rows
-            dh, dc, dk, dkc, ho = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, rows > 0,
+            dh, dc, dk, ho = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, rows > 0,
                                               ctx_rows=rows, outputs=head_outputs)
             if ho is not None:
                 outs.append(ho)
@@ -232,20 +223,15 @@ class Propagation:
             key += dk
             if dc is not None:
                 ctx += dc
-                key_ctx += dkc
             if kept < sample_sequences:
                 sample.append(x[: sample_sequences - kept].cpu())
                 kept += sample[-1].shape[0]
-        sigma, hist, ctx, key, key_ctx = (t.cpu() for t in (sigma, hist, ctx, key, key_ctx))
-        centered = None
-        if value_contexts and n_ctx:
-            centered = ((key_ctx - ctx.sum(0)) / (n_ctx * l * nh)).float()
+        sigma, hist, ctx, key = (t.cpu() for t in (sigma, hist, ctx, key))
         sigma /= n * l
         if not math.isfinite(float(sigma.diagonal().sum())):
             raise Mha2mlaError(f"layer {i}: calibration activations are not finite; the source overflows in float32 on this data")
         return LayerCalibration(sigma=sigma, distance_hist=hist, inv_freq=self.inv_freq, x_sample=torch.cat(sample),
                                 sigma_ctx=(ctx / max(n_ctx * l, 1)).float() if value_contexts else None, sigma_key=key / (n * l * nh),
-                                sigma_key_centered=centered,
                                 head_outputs=outs if head_outputs else None)
 
     @torch.no_grad()

@@ -60,6 +60,8 @@ def write_record(directory: str, *, source: SourceModel, plan: ConversionPlan, s
         "mean_k_rel_error": sum(s.k_rel_error for s in stats) / max(len(stats), 1),
         "mean_v_rel_error": sum(s.v_rel_error for s in stats) / max(len(stats), 1),
         "mean_output_fit_rel_error": _mean([s.output_fit_rel_error for s in stats]),
+        "mean_attention_kl_before_query_fit": _mean([s.query_kl_before for s in stats]),
+        "mean_attention_kl_after_query_fit": _mean([s.query_kl_after for s in stats]),
         "portability": {
             "vllm_sglang_portable": not blockers,
             "blockers": blockers,
@@ -135,5 +137,9 @@ def _fit_line(record: dict) -> str:
     fit = record.get("mean_output_fit_rel_error")
     if fit is None:
         return ""
-    return (f"\n- Each head's value up-projection and `o_proj` refit so the converted layer's attention output matches the"
+    kl0, kl1 = record.get("mean_attention_kl_before_query_fit"), record.get("mean_attention_kl_after_query_fit")
+    queries = "" if kl0 is None else (
+        f"\n- Query projection refit so each head's attention distribution matches the source's on the calibration"
+        f"\n  tokens (mean KL per head and query {kl0:.4f} → {kl1:.4f} nats).")
+    return queries + (f"\n- Each head's value up-projection and `o_proj` refit so the converted layer's attention output matches the"
             f"\n  source's on the calibration tokens (mean relative error after the fit {fit:.4f}).")
