@@ -109,6 +109,8 @@ class Method:
         output_fit: refit every head's value up-projection and ``W_o`` by least squares so the converted layer's output
             (under its own attention weights) matches the source layer's on the calibration tokens
             (:mod:`mha2mla.value_path`).
+        output_fit_stride: the output fit's moments use every k-th query position (its cost grows with
+            ``(n_heads·rank)²`` per position; neighbouring positions average nearly the same keys).
         sequential: calibrate each layer on the inputs the already converted layers below it produce (statistics, and
             the output fit's inputs and targets: the source layer applied to those inputs).
         attention_weighted_keys: the key side (latent and shared rope key) is fitted under the key-input second moment
@@ -127,11 +129,12 @@ class Method:
     value_refit: bool = True
     alternating: int = 3
     output_fit: bool = True
+    output_fit_stride: int = 2
     sequential: bool = True
     attention_weighted_keys: bool = True
-    context_sequences: int = 64
+    context_sequences: int = 32
     query_fit: int = 15
-    query_fit_sequences: int = 16
+    query_fit_sequences: int = 4
 
 
 BALANCE_GRID = (1 / 16, 1 / 4, 1.0, 4.0, 16.0)

@@ -131,8 +131,9 @@ CONTEXT_CACHE_MAX_FLOATS = 256 * 2**20
 
 
 def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: AttentionWeights, tensors: dict,
-                calib: LayerCalibration) -> tuple[dict, float, list | None]:
-    """Refit layer ``i``'s value path so its output on the calibration inputs matches the source layer's.
+                calib: LayerCalibration, stride: int = 1) -> tuple[dict, float, list | None]:
+    """Refit layer ``i``'s value path so its output on the calibration inputs matches the source layer's (the moments
+    on every ``stride``-th query position: neighbouring positions average nearly the same keys).
 
     Returns the tensors, the relative output error on the first calibration batch after the fit (measured on the
     written tensors), and the converted layer's outputs per batch (source residual scale) when they were cheap to keep.
@@ -159,7 +160,7 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
                 heads = source_attention(weights=w32, x=x, angles=src_angles, heads=True, **shape)
             contexts = mla_head_contexts(tensors=f32, plan=plan, x=x, angles=mla_angles)
             output = as_output(heads) if joint or n == 0 else None
-            fit.add(contexts=contexts, target=output if joint else heads)
+            fit.add(contexts=contexts[:, :, ::stride], target=output[:, ::stride] if joint else heads[:, :, ::stride])
             if n == 0:
                 first = (contexts, output)
             if keep:
@@ -389,7 +390,8 @@ def convert(
                 if method.query_fit > 0:
                     new, st.query_kl_before, st.query_kl_after = _fit_queries(prop, i, plan, attn, new, calib, method)
                 if method.output_fit:
-                    new, st.output_fit_rel_error, outputs = _fit_output(prop, i, plan, attn, new, calib)
+                    new, st.output_fit_rel_error, outputs = _fit_output(prop, i, plan, attn, new, calib,
+                                                                        method.output_fit_stride)
                 if i == plan.n_layers - 1:
                     pass  # nothing reads the hidden states past the last layer
                 elif not method.sequential:
