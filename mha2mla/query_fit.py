@@ -20,6 +20,9 @@ from mha2mla.reference import _mla_scores_inputs, _rms, _rotate_half, _rotate_in
 
 __all__ = ["source_log_probs", "fit_queries", "query_weight_name"]
 
+# Below this mean KL (nats) the converted attention already matches the source (e.g. an exact conversion): no fit.
+NEGLIGIBLE_KL = 1e-6
+
 
 def query_weight_name(tensors: dict) -> str:
     """The converted tensor that maps the (normalised) query input to the heads' queries."""
@@ -99,7 +102,7 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
     with torch.no_grad():
         before = float(loss_of(w0))
     w = w0.clone().requires_grad_(True)
-    if iterations > 0:
+    if iterations > 0 and before > NEGLIGIBLE_KL:
         opt = torch.optim.LBFGS([w], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe")
 
         def closure():
