@@ -130,18 +130,26 @@ def _choose_split(src, calibs, method, budget, dims, rope_stride, dtype):
 CONTEXT_CACHE_MAX_FLOATS = 256 * 2**20
 
 
+def _on_device(prop: Propagation, attn: AttentionWeights,
+               calib: LayerCalibration) -> tuple[AttentionWeights, torch.Tensor]:
+    """The source layer's attention weights in float32 on the calibration device, and its angles ``pos·ω [L, hd/2]``."""
+    dev = prop.device
+    w32 = AttentionWeights(**{k: None if v is None else v.to(dev, torch.float32) for k, v in vars(attn).items()})
+    pos = torch.arange(prop.h.shape[1], dtype=torch.float32, device=dev)[:, None]
+    return w32, pos * calib.inv_freq.to(dev, torch.float32)
+
+
 def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: AttentionWeights, tensors: dict,
                 calib: LayerCalibration, stride: int = 1) -> tuple[dict, float, list | None]:
     """Refit layer ``i``'s value path so its output on the calibration inputs matches the source layer's (the moments
-    on every ``stride``-th query position: neighbouring positions average nearly the same keys).
+    on every ``stride``-th query position).
 
     Returns the tensors, the relative output error on the first calibration batch after the fit (measured on the
     written tensors), and the converted layer's outputs per batch (source residual scale) when they were cheap to keep.
     """
     dev = prop.device
     f32 = {k: v.to(dev, torch.float32) for k, v in tensors.items()}
-    w32 = AttentionWeights(**{k: None if v is None else v.to(dev, torch.float32) for k, v in vars(attn).items()})
-    src_angles = torch.arange(prop.h.shape[1], dtype=torch.float32, device=dev)[:, None] * calib.inv_freq.to(dev, torch.float32)
+    w32, src_angles = _on_device(prop, attn, calib)
     mla_angles = _mla_angles(plan, src_angles)
     joint = plan.n_heads * plan.rank <= JOINT_MAX_FEATURES
     fit = (ValuePathFit if joint else HeadwiseValueFit)(plan=plan, intercept=plan.attention_bias)
@@ -186,9 +194,7 @@ def _fit_queries(prop: Propagation, i: int, plan: ConversionPlan, attn: Attentio
                  calib: LayerCalibration, method: Method) -> tuple[dict, float, float]:
     """Refit layer ``i``'s query weight to the source attention distributions on the first
     ``method.query_fit_sequences`` calibration sequences (:func:`mha2mla.query_fit.fit_queries`)."""
-    dev = prop.device
-    w32 = AttentionWeights(**{k: None if v is None else v.to(dev, torch.float32) for k, v in vars(attn).items()})
-    src_angles = torch.arange(prop.h.shape[1], dtype=torch.float32, device=dev)[:, None] * calib.inv_freq.to(dev, torch.float32)
+    w32, src_angles = _on_device(prop, attn, calib)
     xs, targets, rows = [], [], 0
     for x in prop.inputs(i):
         x = x[: method.query_fit_sequences - rows]
@@ -198,7 +204,7 @@ def _fit_queries(prop: Propagation, i: int, plan: ConversionPlan, attn: Attentio
         rows += x.shape[0]
         if rows >= method.query_fit_sequences:
             break
-    f32 = {k: v.to(dev, torch.float32) for k, v in tensors.items()}
+    f32 = {k: v.to(prop.device, torch.float32) for k, v in tensors.items()}
     fitted, info = fit_queries(tensors=f32, plan=plan, inputs=xs, targets=targets, angles=_mla_angles(plan, src_angles),
                                iterations=method.query_fit)
     name = query_weight_name(tensors)

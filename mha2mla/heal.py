@@ -279,6 +279,9 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
 
     trainable = [p for p in net.parameters() if p.requires_grad]
     t_loop, first_step, saved_at = time.time(), step, (state["step"] if state else None)
+
+    def tokens_per_second(seconds: float) -> float:  # training tokens of this run's steps (not of resumed ones)
+        return (step - first_step) * rows_per_step * rc.seq_len / max(seconds, 1e-9)
     try:
         while step < rc.max_steps:
             lr = scheduler.get_last_lr()[0]
@@ -309,7 +312,7 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
                 logger.info("step 0: loss %.6f; the converted model's on the same batch %.6f (|diff| %.2e)", loss_,
                             step0_converted, abs(loss_ - step0_converted))
             if step % rc.log_every == 0 or step == rc.max_steps:
-                tok_s = (step - first_step) * rows_per_step * rc.seq_len / (time.time() - t_loop)
+                tok_s = tokens_per_second(time.time() - t_loop)
                 kd_txt = f"  kd {kd_:.4f}" if teacher_net is not None else ""
                 logger.info("step %d/%d  loss %.4f  ce %.4f%s  lr %.2e  grad-norm %s  %.0f tok/s", step, rc.max_steps,
                             loss_, ce_, kd_txt, lr, "-" if gnorm is None else f"{gnorm:.3f}", tok_s)
@@ -332,7 +335,7 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
         "step0": {"converted_loss": step0_converted, "training_loss": hist["losses"][0] if hist["losses"] else None},
         **hist, "latent_scales": scales, "trainable_parameters": sum(p.numel() for p in trainable),
         "resumed_from": resumed_from, "recipe": rc.to_dict(), "seconds": round(time.time() - t_start, 1),
-        "tokens_per_second": round((step - first_step) * rows_per_step * rc.seq_len / loop_s, 1) if step > first_step else None,
+        "tokens_per_second": round(tokens_per_second(loop_s), 1) if step > first_step else None,
         "peak_device_memory_bytes": peak_mem,
         "versions": _versions(),
     }

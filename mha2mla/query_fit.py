@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from mha2mla.plan import ConversionPlan
-from mha2mla.reference import _mla_scores_inputs, _rms, _rotate_half, _rotate_interleaved
+from mha2mla.reference import _mla_scores_inputs, _rms, _rotate_interleaved, source_qkv
 
 __all__ = ["source_log_probs", "fit_queries", "query_weight_name"]
 
@@ -37,15 +37,10 @@ def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
 def source_log_probs(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int,
                      head_dim: int) -> torch.Tensor:
     """Source (Llama/Mistral/Qwen2) attention log-probabilities ``[B, heads, L, L]`` (−inf above the diagonal)."""
-    b, l, _ = x.shape
-
-    def proj(w, bias, heads):
-        return (x @ w.T + (0 if bias is None else bias)).view(b, l, heads, head_dim).transpose(1, 2)
-
-    q = _rotate_half(proj(weights.q, weights.q_bias, n_heads), angles)
-    k = _rotate_half(proj(weights.k, weights.k_bias, n_kv), angles).repeat_interleave(n_heads // n_kv, dim=1)
+    q, k, _ = source_qkv(weights=weights, x=x, angles=angles, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
+                         values=False)
     scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
-    return scores.masked_fill(~_causal_mask(l, x.device), float("-inf")).log_softmax(-1)
+    return scores.masked_fill(~_causal_mask(x.shape[1], x.device), float("-inf")).log_softmax(-1)
 
 
 def _query_features(tensors: dict, x: torch.Tensor) -> torch.Tensor:

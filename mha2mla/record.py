@@ -135,11 +135,11 @@ def _mean(values: list) -> float | None:
 
 def _fit_line(record: dict) -> str:
     fit = record.get("mean_output_fit_rel_error")
-    if fit is None:
-        return ""
     kl0, kl1 = record.get("mean_attention_kl_before_query_fit"), record.get("mean_attention_kl_after_query_fit")
     queries = "" if kl0 is None else (
         f"\n- Query projection refit so each head's attention distribution matches the source's on the calibration"
         f"\n  tokens (mean KL per head and query {kl0:.4f} → {kl1:.4f} nats).")
+    if fit is None:
+        return queries
     return queries + (f"\n- Each head's value up-projection and `o_proj` refit so the converted layer's attention output matches the"
             f"\n  source's on the calibration tokens (mean relative error after the fit {fit:.4f}).")

@@ -12,7 +12,7 @@ import torch
 
 from mha2mla.plan import TARGET_EPS, ConversionPlan
 
-__all__ = ["source_attention", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error"]
+__all__ = ["source_qkv", "source_attention", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error"]
 
 
 def _rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -34,23 +34,29 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.transpose(1, 2).flatten(2)
 
 
+def source_qkv(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
+               values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Source queries and keys (rotated) and values, each ``[B, n_heads, L, head_dim]`` (KV heads repeated per group;
+    values None unless ``values``)."""
+    b, l, _ = x.shape
+
+    def proj(w, bias, heads):
+        y = x @ w.T + (0 if bias is None else bias)
+        return y.view(b, l, heads, head_dim).transpose(1, 2).repeat_interleave(n_heads // heads, dim=1)
+
+    q = _rotate_half(proj(weights.q, weights.q_bias, n_heads), angles)
+    k = _rotate_half(proj(weights.k, weights.k_bias, n_kv), angles)
+    v = proj(weights.v, weights.v_bias, n_kv) if values else None
+    return q, k, v
+
+
 def source_attention(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
                      heads: bool = False) -> torch.Tensor:
     """Llama/Mistral/Qwen2 attention. ``weights``: :class:`mha2mla.attention.AttentionWeights`; ``angles [L, hd/2]``.
 
     With ``heads`` returns each head's output before ``o_proj`` (``[B, heads, L, head_dim]``) instead.
     """
-    b, l, _ = x.shape
-
-    def proj(w, bias, heads):
-        y = x @ w.T + (0 if bias is None else bias)
-        return y.view(b, l, heads, head_dim).transpose(1, 2)
-
-    q = _rotate_half(proj(weights.q, weights.q_bias, n_heads), angles)
-    k = _rotate_half(proj(weights.k, weights.k_bias, n_kv), angles)
-    v = proj(weights.v, weights.v_bias, n_kv)
-    rep = n_heads // n_kv
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    q, k, v = source_qkv(weights=weights, x=x, angles=angles, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim)
     if heads:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim**-0.5)
     out = _causal_attention(q, k, v, head_dim**-0.5)
