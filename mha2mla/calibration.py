@@ -170,7 +170,8 @@ class Propagation:
     Memory: one source layer plus ``N·L·hidden`` floats, on ``device`` (the statistics are returned on the CPU).
     """
 
-    def __init__(self, *, source: SourceModel, tokens: torch.Tensor, batch: int = 8, device: str | torch.device = "cpu"):
+    def __init__(self, *, source: SourceModel, tokens: torch.Tensor, batch: int = 8, device: str | torch.device = "cpu",
+                 track_source: bool = False):
         self.source, self.batch, self.device = source, batch, torch.device(device)
         self.config = _hf_config(source)
         rotary = _rotary(source, self.config)
@@ -178,6 +179,8 @@ class Propagation:
         embed = source.get("model.embed_tokens.weight")
         self.h = torch.nn.functional.embedding(tokens.to(self.device), embed.to(self.device).float())
         del embed
+        # the source model's own hidden states, carried alongside (for the output fit's drift correction)
+        self.h_src = self.h.clone() if track_source else None
         self.cos, self.sin = rotary.to(self.device)(self.h[:1], self.pos)
         self.inv_freq = rotary.inv_freq.double().cpu().clone()
         self._layer = None
@@ -193,6 +196,25 @@ class Propagation:
         layer = self._load(i)
         for s in range(0, self.h.shape[0], self.batch):
             yield layer.input_layernorm(self.h[s : s + self.batch])
+
+    @staticmethod
+    def _mlp(layer, h: torch.Tensor) -> torch.Tensor:
+        # float32: the drift correction subtracts the two streams, and bfloat16 MLPs (2.5x faster on CPUs with
+        # AVX512-BF16) put rounding noise of ~1e-4 into that difference, which broke exact full-rank conversions
+        return layer.mlp(layer.post_attention_layernorm(h))
+
+    @property
+    def tracks_source(self) -> bool:
+        return self.h_src is not None
+
+    @torch.no_grad()
+    def source_inputs(self, i: int):
+        """Yields ``(x_src, h_src − h)`` per batch: layer ``i``'s attention input in the *source* model, and how far the
+        converted model's residual stream has drifted from the source's (needs ``track_source``)."""
+        layer = self._load(i)
+        for s in range(0, self.h.shape[0], self.batch):
+            hs = self.h_src[s : s + self.batch]
+            yield layer.input_layernorm(hs), hs - self.h[s : s + self.batch]
 
     @torch.no_grad()
     def layer_calibration(self, i: int, *, sample_sequences: int = 4, value_contexts: bool = True,
@@ -211,8 +233,8 @@ class Propagation:
         sample, kept, n_ctx, outs = [], 0, 0, []
         ctx_limit = n if context_sequences is None else min(n, context_sequences)
         for x in self.inputs(i):
-            xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(-1, hidden + 1).double()
-            sigma += xa.T @ xa
+            xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(-1, hidden + 1)
+            sigma += (xa.T @ xa).double()  # float32 within a batch, float64 across batches
             rows = min(x.shape[0], ctx_limit - n_ctx) if value_contexts else 0
             n_ctx += rows
             dh, dc, dk, ho = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, rows > 0,
@@ -235,17 +257,25 @@ class Propagation:
                                 head_outputs=outs if head_outputs else None)
 
     @torch.no_grad()
-    def advance(self, i: int, attention=None) -> None:
+    def advance(self, i: int, attention=None, source_outputs: list[torch.Tensor] | None = None) -> None:
         """Move past layer ``i``: through the source layer, or with a converted attention block in place of the source
         attention (source residual scale): a function ``attention(x)`` of the attention input, or a list of its outputs
-        per batch of :meth:`inputs` (already computed)."""
+        per batch of :meth:`inputs` (already computed). When the source's own hidden states are tracked they move
+        through the source layer (``source_outputs``: its attention outputs on them per batch, when already computed)."""
         layer = self._load(i)
         for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
             sl = slice(s, s + self.batch)
+            if self.h_src is not None and attention is not None:
+                if source_outputs is None:
+                    self.h_src[sl] = layer(self.h_src[sl], attention_mask=None, position_ids=self.pos,
+                                           position_embeddings=(self.cos, self.sin))
+                else:
+                    hs = self.h_src[sl] + source_outputs[n]
+                    self.h_src[sl] = hs + self._mlp(layer, hs)
             h = self.h[sl]
             if attention is None:
                 self.h[sl] = layer(h, attention_mask=None, position_ids=self.pos, position_embeddings=(self.cos, self.sin))
             else:
                 h = h + (attention[n] if isinstance(attention, list) else attention(layer.input_layernorm(h)))
-                self.h[sl] = h + layer.mlp(layer.post_attention_layernorm(h))
+                self.h[sl] = h + self._mlp(layer, h)
         self._layer = None

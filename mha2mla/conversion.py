@@ -140,12 +140,21 @@ def _on_device(prop: Propagation, attn: AttentionWeights,
 
 
 def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: AttentionWeights, tensors: dict,
-                calib: LayerCalibration, stride: int = 1) -> tuple[dict, float, list | None]:
+                calib: LayerCalibration, stride: int = 1,
+                drift: float = 0.0) -> tuple[dict, float, list | None, list | None]:
     """Refit layer ``i``'s value path so its output on the calibration inputs matches the source layer's (the moments
     on every ``stride``-th query position).
 
-    Returns the tensors, the relative output error on the first calibration batch after the fit (measured on the
-    written tensors), and the converted layer's outputs per batch (source residual scale) when they were cheap to keep.
+    The target is the source layer's attention applied to the converted model's inputs; with ``drift > 0`` (the joint
+    fit, and the source's own hidden states tracked) it moves by ``drift`` towards what puts the residual stream back
+    on the source's, ``a_src(x_src) + h_src − h``: each layer also corrects part of the error the layers below it left.
+    (The head-wise fit of wide models keeps ``W_o``; there, spreading the shift over the heads through W_o's
+    ridge pseudo-inverse did not help on tiny models, so it is not corrected.)
+
+    Returns the tensors, the relative output error on the first calibration batch after the fit (against the source
+    layer on the same inputs, measured on the written tensors), the converted layer's outputs per batch (source
+    residual scale) when they were cheap to keep, and the source layer's attention outputs on the source's own hidden
+    states per batch (when drift is corrected, for :meth:`Propagation.advance`).
     """
     dev = prop.device
     f32 = {k: v.to(dev, torch.float32) for k, v in tensors.items()}
@@ -156,7 +165,8 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
     shape = dict(n_heads=plan.n_heads, n_kv=plan.n_kv, head_dim=plan.head_dim)
     keep = prop.h.shape[0] * prop.h.shape[1] * plan.n_heads * plan.rank <= CONTEXT_CACHE_MAX_FLOATS
     kept, first = [], None
-
+    sources = prop.source_inputs(i) if drift > 0 and joint and prop.tracks_source else None
+    src_outputs = [] if sources is not None else None
     def as_output(heads: torch.Tensor) -> torch.Tensor:  # source heads [B, H, L, hd] → the block's output
         return heads.transpose(1, 2).flatten(2) @ w32.o.T + (0 if w32.o_bias is None else w32.o_bias)
 
@@ -168,9 +178,14 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
                 heads = source_attention(weights=w32, x=x, angles=src_angles, heads=True, **shape)
             contexts = mla_head_contexts(tensors=f32, plan=plan, x=x, angles=mla_angles)
             output = as_output(heads) if joint or n == 0 else None
-            fit.add(contexts=contexts[:, :, ::stride], target=output[:, ::stride] if joint else heads[:, :, ::stride])
             if n == 0:
                 first = (contexts, output)
+            if sources is not None:
+                x_src, gap = next(sources)
+                a_src = source_attention(weights=w32, x=x_src, angles=src_angles, **shape)
+                src_outputs.append(a_src)
+                output = output + drift * (a_src + gap - output)
+            fit.add(contexts=contexts[:, :, ::stride], target=output[:, ::stride] if joint else heads[:, :, ::stride])
             if keep:
                 kept.append(contexts)
         if joint:
@@ -187,7 +202,7 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
         outputs = None
         if keep:
             outputs = [mla_output_from_contexts(tensors=n32, plan=plan, contexts=c) / plan.residual_scale for c in kept]
-    return new, rel, outputs
+    return new, rel, outputs, src_outputs
 
 
 def _fit_queries(prop: Propagation, i: int, plan: ConversionPlan, attn: AttentionWeights, tensors: dict,
@@ -290,7 +305,7 @@ def convert(
     kv_budget: int | None = None,
     rope_stride: int | None = None,
     calibration: str | list[str] | None = None,
-    calibration_samples: int = 96,
+    calibration_samples: int = 64,
     calibration_length: int = 256,
     method: Method | None = None,
     dtype: str = "auto",
@@ -363,7 +378,10 @@ def convert(
             else:
                 plan, calib_info["rope_stride_shares"] = _choose_stride(src, plan, pre, method, rope_dim, dtype, rank)
             del pre
-        prop = Propagation(source=src, tokens=tokens, device=device)
+        prop = Propagation(source=src, tokens=tokens, device=device,
+                           track_source=method.drift_correction > 0 and method.sequential and method.output_fit
+                           and plan.n_heads * plan.rank <= JOINT_MAX_FEATURES)
+        calib_info["propagation"] = {"tracks_source": prop.tracks_source}
     shard_bytes = parse_size(max_shard_size)
     compute = _compute_dtype(plan.hidden)
     out_dt = plan.torch_dtype
@@ -392,19 +410,20 @@ def convert(
                 head_outputs=method.output_fit)
             new, st = convert_attention(plan=plan, weights=attn, input_norm_bound=bound, calib=calib, method=method)
             if prop is not None:
-                outputs = None
+                outputs, src_outputs = None, None
                 if method.query_fit > 0:
                     new, st.query_kl_before, st.query_kl_after = _fit_queries(prop, i, plan, attn, new, calib, method)
                 if method.output_fit:
-                    new, st.output_fit_rel_error, outputs = _fit_output(prop, i, plan, attn, new, calib,
-                                                                        method.output_fit_stride)
+                    new, st.output_fit_rel_error, outputs, src_outputs = _fit_output(
+                        prop, i, plan, attn, new, calib, method.output_fit_stride, method.drift_correction)
                 if i == plan.n_layers - 1:
                     pass  # nothing reads the hidden states past the last layer
                 elif not method.sequential:
                     prop.advance(i)
                 else:
-                    prop.advance(i, outputs or _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1], prop.device))
-                del calib, outputs
+                    prop.advance(i, outputs or _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1], prop.device),
+                                 source_outputs=src_outputs)
+                del calib, outputs, src_outputs
             stats.append(st)
             p = f"model.layers.{i}."
             for n, t in new.items():

@@ -141,5 +141,9 @@ def _fit_line(record: dict) -> str:
         f"\n  tokens (mean KL per head and query {kl0:.4f} → {kl1:.4f} nats).")
     if fit is None:
         return queries
+    calib = record.get("calibration") or {}
+    drift = (calib.get("method") or {}).get("drift_correction", 0)
+    corrected = "" if not (calib.get("propagation") or {}).get("tracks_source") else (
+        f"\n  Targets moved {drift:g} of the way towards undoing the drift that the layers below left in the residual stream.")
     return queries + (f"\n- Each head's value up-projection and `o_proj` refit so the converted layer's attention output matches the"
-            f"\n  source's on the calibration tokens (mean relative error after the fit {fit:.4f}).")
+            f"\n  source's on the calibration tokens (mean relative error after the fit {fit:.4f}).") + corrected

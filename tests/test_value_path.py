@@ -185,3 +185,47 @@ def test_kept_layer_outputs_move_the_stream_like_rerunning_the_layer(tiny_source
     rerun = mha2mla.convert(source=src, output=str(tmp_path / "rerun"), **kw)
     for a, b in zip(kept.record["layers"], rerun.record["layers"]):
         assert a["output_fit_rel_error"] == pytest.approx(b["output_fit_rel_error"], rel=1e-3, abs=1e-6)
+
+
+def test_tracked_source_stream_moves_like_the_source_model(tiny_source, tmp_path):
+    # The drift correction carries the source's own hidden states beside the converted ones: advancing them with the
+    # attention outputs computed in the fit must equal running the source layer, and equal a plain source propagation.
+    src = load_source(tiny_source(n_kv=2, head_dim=16, seed=3, layers=2))
+    tokens = _tokens(src, tmp_path, samples=4, length=24)
+    plain = Propagation(source=src, tokens=tokens, batch=2)
+    tracked = Propagation(source=src, tokens=tokens, batch=2, track_source=True)
+    reused = Propagation(source=src, tokens=tokens, batch=2, track_source=True)
+    assert tracked.tracks_source and not plain.tracks_source
+    from mha2mla.conversion import _layer_tensors
+
+    attn, _ = _layer_tensors(src, 0, torch.float32)
+    angles = torch.arange(24, dtype=torch.float32)[:, None] * plain.inv_freq.float()
+    shape = dict(n_heads=src.n_heads, n_kv=src.n_kv, head_dim=src.head_dim)
+    outs = [source_attention(weights=attn, x=x, angles=angles, **shape) for x, _ in reused.source_inputs(0)]
+    assert all(float(gap.abs().max()) == 0 for _, gap in reused.source_inputs(0))  # nothing converted yet
+    plain.advance(0)
+    zero = lambda x: torch.zeros_like(x)  # a converted attention that drifts: the two streams must now differ
+    tracked.advance(0, zero)
+    reused.advance(0, zero, source_outputs=outs)
+    assert torch.allclose(tracked.h_src, plain.h, atol=1e-5)
+    assert torch.allclose(reused.h_src, plain.h, atol=1e-5)
+    gaps = torch.cat([gap for _, gap in tracked.source_inputs(1)])
+    assert torch.allclose(gaps, plain.h - tracked.h, atol=1e-5) and float(gaps.abs().max()) > 1e-3
+
+
+def test_drift_correction_lowers_the_error_that_reaches_the_logits(tiny_source, tmp_path):
+    from test_calibration import _held_out_error
+
+    src = tiny_source(n_kv=2, head_dim=16, seed=7, layers=4)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    kw = dict(rank=6, rope_dim=8, progress=False, calibration=str(corpus), calibration_samples=8, calibration_length=32)
+    errors = {}
+    for drift in (0.0, 0.5):
+        out = str(tmp_path / f"d{drift}")
+        res = mha2mla.convert(source=src, output=out, method=Method(drift_correction=drift), **kw)
+        assert res.record["calibration"]["method"]["drift_correction"] == drift
+        assert res.record["calibration"]["propagation"]["tracks_source"] == (drift > 0)
+        assert ("drift that the layers below" in (tmp_path / f"d{drift}" / "README.md").read_text()) == (drift > 0)
+        errors[drift] = _held_out_error(src, out)
+    assert errors[0.5] < errors[0.0], errors
