@@ -10,14 +10,14 @@ CAL="$A/text/enwiki.train.txt"
 Q="python benchmarks/quality.py --assets $A --tasks="
 WHAT=${1:-all}
 if [[ $WHAT == all || $WHAT == main ]]; then
-  $Q --calibration "$CAL" --out benchmarks/results/quality-calibrated.json
+  $Q --calibration "$CAL" --out benchmarks/results/quality-calibrated-drift.json
   $Q --out benchmarks/results/quality-datafree.json
 fi
 if [[ $WHAT == all || $WHAT == ablation ]]; then
   # Each row adds one ingredient to the row above it (96+32, 64 calibration sequences).
   AB="$Q --calibration $CAL --calibration-samples 64 --budgets 96+32"
-  # rows 1-11 predate the query fit (and its cheaper output-fit/context settings): pinned off
-  PRE=query_fit=0,output_fit_stride=1,context_sequences=64
+  # rows 1-11 predate the query fit (and its cheaper output-fit/context settings) and the drift correction: pinned off
+  PRE=query_fit=0,output_fit_stride=1,context_sequences=64,drift_correction=0
   NEW=output_fit=0,sequential=0,attention_weighted_keys=0,$PRE
   M0=expected_rotation=0,weighted_rope=0,output_weighted=0,balance_search=0,value_refit=0,$NEW
   $AB --label "act-aware " --method $M0 --out benchmarks/results/ablation-1.json
@@ -31,5 +31,7 @@ if [[ $WHAT == all || $WHAT == ablation ]]; then
   $AB --label "+sequential " --method value_refit=1,alternating=0,$PRE --out benchmarks/results/ablation-9.json
   $AB --label "-value-refit " --method value_refit=0,alternating=0,$PRE --out benchmarks/results/ablation-10.json
   $AB --label "+context-ALS latent " --method $PRE --out benchmarks/results/ablation-11.json
-  # row 12 (96 sequences, query fit off) and row 13 (+ query fit: the default) are the main table's 96+32 runs
+  # row 12 (96 sequences, query fit off), row 13 (+ query fit) and row 14 (+ drift correction: the default)
+  $Q --calibration "$CAL" --budgets 96+32 --label "+query-fit " --method drift_correction=0 --out benchmarks/results/ablation-13.json
+  # row 14 is the main table's 96+32
 fi

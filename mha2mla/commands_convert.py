@@ -15,7 +15,7 @@ from mha2mla.cli import user_errors
 @click.option("--rope-dim", type=int, default=None, help="qk_rope_head_dim: rotary dims of the one shared rope key (even, divides head_dim). Default head_dim/2.")
 @click.option("--rope-stride", type=int, default=None, help="Keep every k-th source frequency (default head_dim/rope-dim, which keeps θ; with --calibration it is chosen from the data).")
 @click.option("--calibration", default=None, help="Calibration text: .txt/.jsonl file, directory, or hf:DATASET.")
-@click.option("--calibration-samples", type=int, default=64, show_default=True, help="Calibration sequences.")
+@click.option("--calibration-samples", type=int, default=96, show_default=True, help="Calibration sequences.")
 @click.option("--calibration-length", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--device", default="cpu", show_default=True, help="Where calibration runs: cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True, help="Output dtype.")

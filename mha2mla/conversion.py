@@ -305,7 +305,7 @@ def convert(
     kv_budget: int | None = None,
     rope_stride: int | None = None,
     calibration: str | list[str] | None = None,
-    calibration_samples: int = 64,
+    calibration_samples: int = 96,
     calibration_length: int = 256,
     method: Method | None = None,
     dtype: str = "auto",
