@@ -130,6 +130,11 @@ def _choose_split(src, calibs, method, budget, dims, rope_stride, dtype):
 CONTEXT_CACHE_MAX_FLOATS = 256 * 2**20
 
 
+def _joint_fit(plan: ConversionPlan) -> bool:
+    """Whether the output fit solves all heads' value paths jointly (``W_o`` refit) rather than head by head."""
+    return plan.n_heads * plan.rank <= JOINT_MAX_FEATURES
+
+
 def _on_device(prop: Propagation, attn: AttentionWeights,
                calib: LayerCalibration) -> tuple[AttentionWeights, torch.Tensor]:
     """The source layer's attention weights in float32 on the calibration device, and its angles ``pos·ω [L, hd/2]``."""
@@ -160,13 +165,15 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
     f32 = {k: v.to(dev, torch.float32) for k, v in tensors.items()}
     w32, src_angles = _on_device(prop, attn, calib)
     mla_angles = _mla_angles(plan, src_angles)
-    joint = plan.n_heads * plan.rank <= JOINT_MAX_FEATURES
+    joint = _joint_fit(plan)
     fit = (ValuePathFit if joint else HeadwiseValueFit)(plan=plan, intercept=plan.attention_bias)
     shape = dict(n_heads=plan.n_heads, n_kv=plan.n_kv, head_dim=plan.head_dim)
     keep = prop.h.shape[0] * prop.h.shape[1] * plan.n_heads * plan.rank <= CONTEXT_CACHE_MAX_FLOATS
     kept, first = [], None
-    sources = prop.source_inputs(i) if drift > 0 and joint and prop.tracks_source else None
+    # the source stream is tracked only for a joint fit with drift > 0 (see convert)
+    sources = prop.source_inputs(i) if prop.tracks_source else None
     src_outputs = [] if sources is not None else None
+
     def as_output(heads: torch.Tensor) -> torch.Tensor:  # source heads [B, H, L, hd] → the block's output
         return heads.transpose(1, 2).flatten(2) @ w32.o.T + (0 if w32.o_bias is None else w32.o_bias)
 
@@ -380,7 +387,7 @@ def convert(
             del pre
         prop = Propagation(source=src, tokens=tokens, device=device,
                            track_source=method.drift_correction > 0 and method.sequential and method.output_fit
-                           and plan.n_heads * plan.rank <= JOINT_MAX_FEATURES)
+                           and _joint_fit(plan))
         calib_info["propagation"] = {"tracks_source": prop.tracks_source}
     shard_bytes = parse_size(max_shard_size)
     compute = _compute_dtype(plan.hidden)
