@@ -10,14 +10,14 @@ CAL="$A/text/enwiki.train.txt"
 Q="python benchmarks/quality.py --assets $A --tasks="
 WHAT=${1:-all}
 if [[ $WHAT == all || $WHAT == main ]]; then
-  $Q --calibration "$CAL" --out benchmarks/results/quality-calibrated-drift.json
+  $Q --calibration "$CAL" --out benchmarks/results/quality-calibrated-mlp.json
   $Q --out benchmarks/results/quality-datafree.json
 fi
 if [[ $WHAT == all || $WHAT == ablation ]]; then
   # Each row adds one ingredient to the row above it (96+32, 64 calibration sequences).
   AB="$Q --calibration $CAL --calibration-samples 64 --budgets 96+32"
-  # rows 1-11 predate the query fit (and its cheaper output-fit/context settings) and the drift correction: pinned off
-  PRE=query_fit=0,output_fit_stride=1,context_sequences=64,drift_correction=0
+  # rows 1-11 predate the query fit (and its cheaper output-fit/context settings) and the drift corrections: pinned off
+  PRE=query_fit=0,output_fit_stride=1,context_sequences=64,drift_correction=0,mlp_drift=0
   NEW=output_fit=0,sequential=0,attention_weighted_keys=0,$PRE
   M0=expected_rotation=0,weighted_rope=0,output_weighted=0,balance_search=0,value_refit=0,$NEW
   $AB --label "act-aware " --method $M0 --out benchmarks/results/ablation-1.json
@@ -31,7 +31,9 @@ if [[ $WHAT == all || $WHAT == ablation ]]; then
   $AB --label "+sequential " --method value_refit=1,alternating=0,$PRE --out benchmarks/results/ablation-9.json
   $AB --label "-value-refit " --method value_refit=0,alternating=0,$PRE --out benchmarks/results/ablation-10.json
   $AB --label "+context-ALS latent " --method $PRE --out benchmarks/results/ablation-11.json
-  # row 12 (96 sequences, query fit off), row 13 (+ query fit) and row 14 (+ drift correction: the default)
-  $Q --calibration "$CAL" --budgets 96+32 --label "+query-fit " --method drift_correction=0 --out benchmarks/results/ablation-13.json
-  # row 14 is the main table's 96+32
+  # row 12 (96 sequences, query fit off), row 13 (+ query fit), row 14 (+ drift correction of the output fit) and
+  # row 15 (+ MLP refit: the default)
+  $Q --calibration "$CAL" --budgets 96+32 --label "+query-fit " --method drift_correction=0,mlp_drift=0 --out benchmarks/results/ablation-13.json
+  $Q --calibration "$CAL" --budgets 96+32 --label "+drift-correction " --method mlp_drift=0 --out benchmarks/results/ablation-14.json
+  # row 15 is the main table's 96+32
 fi

@@ -15,9 +15,14 @@ from tqdm.auto import tqdm
 
 from mha2mla.data import load_texts, pack_tokens, token_blocks
 from mha2mla.errors import Mha2mlaError
+from mha2mla.mlp_fit import DownProjectionFit
 from mha2mla.source import SourceModel
 
 __all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens"]
+
+# The MLP refit keeps the calibration tokens' MLP activations between its two passes when they take at most this many
+# floats (N·L·intermediate; 38M for SmolLM2); above it they are computed again.
+MLP_ACTIVATION_CACHE_MAX_FLOATS = 256 * 2**20
 
 
 @dataclass
@@ -258,12 +263,20 @@ class Propagation:
                                 head_outputs=outs if head_outputs else None)
 
     @torch.no_grad()
-    def advance(self, i: int, attention=None, source_outputs: list[torch.Tensor] | None = None) -> None:
+    def advance(self, i: int, attention=None, source_outputs: list[torch.Tensor] | None = None,
+                mlp_drift: float = 0.0) -> torch.Tensor | None:
         """Move past layer ``i``: through the source layer, or with a converted attention block in place of the source
         attention (source residual scale): a function ``attention(x)`` of the attention input, or a list of its outputs
         per batch of :meth:`inputs` (already computed). When the source's own hidden states are tracked they move
-        through the source layer (``source_outputs``: its attention outputs on them per batch, when already computed)."""
+        through the source layer (``source_outputs``: its attention outputs on them per batch, when already computed).
+
+        With ``mlp_drift > 0`` (a converted attention, the source tracked) the layer's MLP down-projection is refit so
+        its output moves that fraction of the way to the source's stream (:mod:`mha2mla.mlp_fit`); the converted
+        stream moves through the refit MLP, and the refit weight ``[hidden, intermediate]`` (float64, CPU) is returned.
+        Otherwise returns None."""
         layer = self._load(i)
+        fit_mlp = (mlp_drift > 0 and attention is not None and self.h_src is not None
+                   and getattr(layer.mlp.down_proj, "bias", None) is None)  # (no intercept is fitted)
         for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
             sl = slice(s, s + self.batch)
             if self.h_src is not None and attention is not None:
@@ -273,10 +286,44 @@ class Propagation:
                 else:
                     hs = self.h_src[sl] + source_outputs[n]
                     self.h_src[sl] = hs + self._mlp(layer, hs)
+            if fit_mlp:
+                continue  # the converted stream moves below, once the down-projection is refit
             h = self.h[sl]
             if attention is None:
                 self.h[sl] = layer(h, attention_mask=None, position_ids=self.pos, position_embeddings=(self.cos, self.sin))
             else:
                 h = h + (attention[n] if isinstance(attention, list) else attention(layer.input_layernorm(h)))
                 self.h[sl] = h + self._mlp(layer, h)
+        down = self._refit_mlp(layer, attention, mlp_drift) if fit_mlp else None
         self._layer = None
+        return down
+
+    def _refit_mlp(self, layer, attention, beta: float) -> torch.Tensor:
+        """The converted stream past the attention and the refit MLP (see :meth:`advance`); returns the refit weight."""
+        mlp = layer.mlp
+        w0 = mlp.down_proj.weight
+        fit = DownProjectionFit(features=w0.shape[1], out_features=w0.shape[0])
+        n_tok = self.h.shape[0] * self.h.shape[1]
+        keep = n_tok * w0.shape[1] <= MLP_ACTIVATION_CACHE_MAX_FLOATS
+        acts = []
+
+        def activations(h_mid):
+            u = layer.post_attention_layernorm(h_mid)
+            return mlp.act_fn(mlp.gate_proj(u)) * mlp.up_proj(u)
+
+        for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
+            sl = slice(s, s + self.batch)
+            h = self.h[sl]
+            h_mid = h + (attention[n] if isinstance(attention, list) else attention(layer.input_layernorm(h)))
+            a = activations(h_mid)
+            fit.add(activations=a, miss=self.h_src[sl] - h_mid - mlp.down_proj(a))
+            self.h[sl] = h_mid  # the stream after the attention; the refit MLP's output is added below
+            if keep:
+                acts.append(a)
+        w = fit.solve(prior=w0.detach().double().cpu(), beta=beta)
+        w_dev = w.to(self.device, torch.float32)
+        for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
+            sl = slice(s, s + self.batch)
+            a = acts[n] if keep else activations(self.h[sl])
+            self.h[sl] = self.h[sl] + a @ w_dev.T
+        return w

@@ -135,6 +135,13 @@ def _joint_fit(plan: ConversionPlan) -> bool:
     return plan.n_heads * plan.rank <= JOINT_MAX_FEATURES
 
 
+def _tracks_source(method: Method, plan: ConversionPlan) -> bool:
+    """Whether the source model's own hidden states are carried beside the converted ones: for the output fit's drift
+    correction (joint fit only) or the MLP refit, both of sequential conversion."""
+    attention = method.drift_correction > 0 and method.output_fit and _joint_fit(plan)
+    return method.sequential and (attention or method.mlp_drift > 0)
+
+
 def _on_device(prop: Propagation, attn: AttentionWeights,
                calib: LayerCalibration) -> tuple[AttentionWeights, torch.Tensor]:
     """The source layer's attention weights in float32 on the calibration device, and its angles ``pos·ω [L, hd/2]``."""
@@ -170,7 +177,7 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
     shape = dict(n_heads=plan.n_heads, n_kv=plan.n_kv, head_dim=plan.head_dim)
     keep = prop.h.shape[0] * prop.h.shape[1] * plan.n_heads * plan.rank <= CONTEXT_CACHE_MAX_FLOATS
     kept, first = [], None
-    # the source stream is tracked only for a joint fit with drift > 0 (see convert)
+    # the source stream is tracked for the drift corrections (see convert); only the joint fit's target moves
     sources = prop.source_inputs(i) if prop.tracks_source else None
     src_outputs = [] if sources is not None else None
 
@@ -191,7 +198,8 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
                 x_src, gap = next(sources)
                 a_src = source_attention(weights=w32, x=x_src, angles=src_angles, **shape)
                 src_outputs.append(a_src)
-                output = output + drift * (a_src + gap - output)
+                if joint and drift > 0:
+                    output = output + drift * (a_src + gap - output)
             fit.add(contexts=contexts[:, :, ::stride], target=output[:, ::stride] if joint else heads[:, :, ::stride])
             if keep:
                 kept.append(contexts)
@@ -385,9 +393,7 @@ def convert(
             else:
                 plan, calib_info["rope_stride_shares"] = _choose_stride(src, plan, pre, method, rope_dim, dtype, rank)
             del pre
-        prop = Propagation(source=src, tokens=tokens, device=device,
-                           track_source=method.drift_correction > 0 and method.sequential and method.output_fit
-                           and _joint_fit(plan))
+        prop = Propagation(source=src, tokens=tokens, device=device, track_source=_tracks_source(method, plan))
         calib_info["propagation"] = {"tracks_source": prop.tracks_source}
     shard_bytes = parse_size(max_shard_size)
     compute = _compute_dtype(plan.hidden)
@@ -423,13 +429,19 @@ def convert(
                 if method.output_fit:
                     new, st.output_fit_rel_error, outputs, src_outputs = _fit_output(
                         prop, i, plan, attn, new, calib, method.output_fit_stride, method.drift_correction)
-                if i == plan.n_layers - 1:
+                mlp_drift = method.mlp_drift if prop.tracks_source else 0.0
+                if i == plan.n_layers - 1 and not mlp_drift:
                     pass  # nothing reads the hidden states past the last layer
                 elif not method.sequential:
                     prop.advance(i)
                 else:
-                    prop.advance(i, outputs or _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1], prop.device),
-                                 source_outputs=src_outputs)
+                    down = prop.advance(
+                        i, outputs or _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1], prop.device),
+                        source_outputs=src_outputs, mlp_drift=mlp_drift)
+                    if down is not None:
+                        w0 = rest["mlp.down_proj.weight"]
+                        st.mlp_rel_change = float((down - w0.double()).norm() / w0.double().norm().clamp_min(1e-30))
+                        rest["mlp.down_proj.weight"] = down.to(compute)
                 del calib, outputs, src_outputs
             stats.append(st)
             p = f"model.layers.{i}."

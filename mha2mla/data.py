@@ -111,12 +111,30 @@ def load_texts(spec: str, *, text_field: str = "text", split: str = "train", max
     return texts
 
 
+# A long document is first tokenised on a prefix of this many characters per wanted token (English runs ~4-5).
+_CHARS_PER_TOKEN = 8
+
+
+def _encode(tokenizer, text: str, wanted: int | None) -> list[int]:
+    """Token ids of ``text``; with ``wanted``, only the first ``wanted`` (and a margin) are guaranteed: a long text is
+    tokenised on a prefix cut at whitespace (tokenisers split words there, so the ids before the cut are unchanged),
+    doubling the prefix until it is long enough."""
+    chars = None if wanted is None else max(wanted, 1) * _CHARS_PER_TOKEN
+    while chars is not None and chars < len(text):
+        cut = text.rfind(" ", 0, chars)
+        ids = tokenizer(text[: cut if cut > 0 else chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= wanted + 64:
+            return ids[: wanted + 64]
+        chars *= 2
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def pack_tokens(tokenizer, texts: list[str], *, max_tokens: int | None = None) -> torch.Tensor:
     """Tokenise documents and concatenate them (EOS between documents) into one 1-D LongTensor."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.extend(_encode(tokenizer, t, None if max_tokens is None else max_tokens - len(ids)))
         if eos is not None:
             ids.append(eos)
         if max_tokens is not None and len(ids) >= max_tokens:

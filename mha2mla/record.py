@@ -139,11 +139,17 @@ def _fit_line(record: dict) -> str:
     queries = "" if kl0 is None else (
         f"\n- Query projection refit so each head's attention distribution matches the source's on the calibration"
         f"\n  tokens (mean KL per head and query {kl0:.4f} → {kl1:.4f} nats).")
-    if fit is None:
-        return queries
+    changes = [x["mlp_down_rel_change"] for x in record.get("layers", []) if x.get("mlp_down_rel_change") is not None]
     calib = record.get("calibration") or {}
-    drift = (calib.get("method") or {}).get("drift_correction", 0)
-    corrected = "" if not (calib.get("propagation") or {}).get("tracks_source") else (
+    method = calib.get("method") or {}
+    mlp = "" if not changes else (
+        f"\n- **MLP down-projections refit** (least squares) so each layer's output moves {method.get('mlp_drift', 0):g} of the"
+        f"\n  way towards the source model's residual stream: `down_proj` weights differ from the source's (mean relative"
+        f"\n  change {sum(changes) / len(changes):.4f}); every other MLP and norm weight is the source's.")
+    if fit is None:
+        return queries + mlp
+    drift = method.get("drift_correction", 0)
+    corrected = "" if not (calib.get("propagation") or {}).get("tracks_source") or not drift else (
         f"\n  Targets moved {drift:g} of the way towards undoing the drift that the layers below left in the residual stream.")
     return queries + (f"\n- Each head's value up-projection and `o_proj` refit so the converted layer's attention output matches the"
-            f"\n  source's on the calibration tokens (mean relative error after the fit {fit:.4f}).") + corrected
+            f"\n  source's on the calibration tokens (mean relative error after the fit {fit:.4f}).") + corrected + mlp

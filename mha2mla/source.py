@@ -67,6 +67,7 @@ class SourceModel:
     _files: dict = field(default_factory=dict, repr=False)  # tensor name -> shard path
     _memory: dict | None = field(default=None, repr=False)  # GGUF: the dequantised state dict
     gguf: tuple | None = None  # (directory, file name) of a GGUF source
+    _finite: set = field(default_factory=set, repr=False)  # tensors already checked finite (a layer is read several times)
 
     def keys(self) -> list[str]:
         return sorted(self._memory) if self._memory is not None else sorted(self._files)
@@ -92,8 +93,10 @@ class SourceModel:
                 except Exception:
                     raise Mha2mlaError(f"cannot read tensor {name!r} from {shard}: {str(e).splitlines()[0][:160]} (truncated or corrupt shard?)") from None
                 raise KeyboardInterrupt from None  # the shard reads fine: the failed read was interrupted
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise Mha2mlaError(f"source tensor {name!r} contains NaN or Inf values; refusing to convert a broken checkpoint")
+        if name not in self._finite and t.is_floating_point():
+            if not bool(torch.isfinite(t).all()):
+                raise Mha2mlaError(f"source tensor {name!r} contains NaN or Inf values; refusing to convert a broken checkpoint")
+            self._finite.add(name)
         return t
 
     def _read(self, shard: str, name: str) -> torch.Tensor:

@@ -51,6 +51,20 @@ def test_calibration_errors(tiny_source, tmp_path):
         calibration_tokens(source=src, data=str(short), samples=2, length=16)
 
 
+def test_long_document_is_tokenised_on_a_prefix_with_the_same_ids(tiny_source):
+    from transformers import AutoTokenizer
+
+    from mha2mla.data import pack_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_source())
+    long_doc = CORPUS * 40
+    full = tok(long_doc, add_special_tokens=False)["input_ids"]
+    for wanted in (1, 37, 300, len(full) - 5, len(full) + 50):
+        got = pack_tokens(tok, [long_doc, "the cat sat"], max_tokens=wanted)
+        want = (full + [tok.eos_token_id] + tok("the cat sat", add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        assert got.tolist() == want[:wanted]
+
+
 def _held_out_error(src_dir: str, out: str) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

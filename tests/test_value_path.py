@@ -223,9 +223,56 @@ def test_drift_correction_lowers_the_error_that_reaches_the_logits(tiny_source, 
     errors = {}
     for drift in (0.0, 0.5):
         out = str(tmp_path / f"d{drift}")
-        res = mha2mla.convert(source=src, output=out, method=Method(drift_correction=drift), **kw)
+        res = mha2mla.convert(source=src, output=out, method=Method(drift_correction=drift, mlp_drift=0.0), **kw)
         assert res.record["calibration"]["method"]["drift_correction"] == drift
         assert res.record["calibration"]["propagation"]["tracks_source"] == (drift > 0)
         assert ("drift that the layers below" in (tmp_path / f"d{drift}" / "README.md").read_text()) == (drift > 0)
         errors[drift] = _held_out_error(src, out)
     assert errors[0.5] < errors[0.0], errors
+
+
+def test_down_projection_fit_keeps_its_prior_and_recovers_a_linear_target():
+    from mha2mla.mlp_fit import DownProjectionFit
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 200, 24, generator=g)
+    w0, w_star = torch.randn(10, 24, generator=g), torch.randn(10, 24, generator=g)
+    fit = DownProjectionFit(features=24, out_features=10)
+    for batch in a:
+        fit.add(activations=batch, miss=batch @ (w_star - w0).T)  # the source output is W* a; the MLP gives W0 a
+    assert torch.allclose(fit.solve(prior=w0, beta=0.0), w0.double(), atol=1e-5)  # β = 0: the source weight
+    assert torch.allclose(fit.solve(prior=w0, beta=1.0, ridge=1e-9), w_star.double(), atol=1e-4)
+    half = fit.solve(prior=w0, beta=0.5, ridge=1e-9)  # the target is linear in β, and so is the fit
+    assert torch.allclose(half, 0.5 * (w0 + w_star).double(), atol=1e-4)
+    shrunk = fit.solve(prior=w0, beta=1.0, ridge=1e3)  # a huge ridge returns (almost) the prior
+    assert (shrunk - w0.double()).norm() < 0.01 * (w_star - w0).norm()
+
+
+def test_mlp_refit_lowers_the_error_that_reaches_the_logits_and_is_recorded(tiny_source, tmp_path):
+    from safetensors.torch import load_file
+
+    from test_calibration import _held_out_error
+
+    def down_proj(folder):
+        name = "model.layers.3.mlp.down_proj.weight"
+        return next(t[name] for f in sorted(folder.glob("*.safetensors")) if name in (t := load_file(str(f))))
+
+    src = tiny_source(n_kv=2, head_dim=16, seed=7, layers=4)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    kw = dict(rank=6, rope_dim=8, progress=False, calibration=str(corpus), calibration_samples=8, calibration_length=32)
+    errors, downs = {}, {}
+    for beta in (0.0, 0.4):
+        out = tmp_path / f"m{beta}"
+        res = mha2mla.convert(source=src, output=str(out), method=Method(mlp_drift=beta), **kw)
+        changes = [x["mlp_down_rel_change"] for x in res.record["layers"]]
+        if beta:
+            assert all(c is not None and c > 1e-4 for c in changes), changes  # every layer, the last one too
+        else:
+            assert changes == [None] * 4
+        assert ("MLP down-projections refit" in (out / "README.md").read_text()) == (beta > 0)
+        downs[beta] = down_proj(out)
+        errors[beta] = _held_out_error(src, str(out))
+    source_down = down_proj(tmp_path / "src") * res.plan.residual_scale  # the writer scales the residual branch
+    assert torch.allclose(downs[0.0], source_down, rtol=1e-6) and not torch.allclose(downs[0.4], source_down, rtol=1e-3)
+    assert errors[0.4] < errors[0.0], errors

@@ -1,0 +1,56 @@
+"""Refit an MLP's down-projection by least squares (pure math, no I/O).
+
+The converted attention cannot express everything the source's did, so the residual stream of the converted model
+drifts from the source's, layer after layer. The MLP's down-projection ``W_down`` is linear in the MLP's hidden
+activations ``a`` (``intermediate`` features per token, far more than the attention's latent), so it can take back part
+of that drift: with ``h'`` the stream after the converted attention, ``m = W_down a`` the MLP's output and ``h_src``
+the source model's stream after the same layer, the target is
+
+    t = m + β·(h_src − h' − m),
+
+and ``W = argmin Σ‖W a − t‖² + λ‖W − W_down‖²`` (shrunk towards the source weight; ``β = 0`` returns it exactly).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DownProjectionFit"]
+
+
+class DownProjectionFit:
+    """Accumulates ``E[aaᵀ]`` and ``E[daᵀ]`` batch by batch (float64, on the CPU), then solves for ``W``.
+
+    ``d = h_src − h' − m`` is how far the MLP's own output ``m = W_down a`` misses the source's stream, so the target's
+    cross-moment is ``E[taᵀ] = W_down·E[aaᵀ] + β·E[daᵀ]``. (Passing ``d`` rather than ``h_src − h'`` keeps a conversion
+    that does not drift exact: ``d`` is then ~0, whereas ``W_down·E[aaᵀ]`` and an accumulated ``E[(h_src − h')aᵀ]``
+    would differ by float32 rounding.)
+
+    Args:
+        features: the MLP's intermediate size.
+        out_features: the hidden size.
+    """
+
+    def __init__(self, *, features: int, out_features: int):
+        self.aa = torch.zeros(features, features, dtype=torch.float64)
+        self.da = torch.zeros(out_features, features, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, *, activations: torch.Tensor, miss: torch.Tensor) -> None:
+        """``activations [..., features]`` and ``miss [..., out_features]`` (``d``) of the same tokens, on any device."""
+        a = activations.reshape(-1, activations.shape[-1]).float()
+        d = miss.reshape(-1, miss.shape[-1]).float()
+        self.aa += (a.T @ a).double().cpu()
+        self.da += (d.T @ a).double().cpu()
+        self.n += a.shape[0]
+
+    def solve(self, *, prior: torch.Tensor, beta: float, ridge: float = 1e-4) -> torch.Tensor:
+        """``W [out_features, features]`` (float64) for the target ``t = m + β·d``, shrunk towards ``prior`` (the
+        source ``W_down``, which defines ``m``) by ``ridge·mean(diag E[aaᵀ])``."""
+        if self.n == 0:
+            raise ValueError("no calibration tokens were added")
+        g, w0 = self.aa / self.n, prior.to(torch.float64)
+        c = w0 @ g + beta * (self.da / self.n)
+        lam = ridge * float(g.diagonal().mean())
+        reg = g + lam * torch.eye(g.shape[0], dtype=g.dtype)
+        return torch.linalg.solve(reg, (c + lam * w0).T).T
