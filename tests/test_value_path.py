@@ -276,3 +276,26 @@ def test_mlp_refit_lowers_the_error_that_reaches_the_logits_and_is_recorded(tiny
     source_down = down_proj(tmp_path / "src") * res.plan.residual_scale  # the writer scales the residual branch
     assert torch.allclose(downs[0.0], source_down, rtol=1e-6) and not torch.allclose(downs[0.4], source_down, rtol=1e-3)
     assert errors[0.4] < errors[0.0], errors
+
+
+def test_cli_keep_mlp_switches_the_mlp_refit_off(tiny_source, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mha2mla.cli import main
+
+    src = tiny_source(n_kv=2, head_dim=16, seed=7, layers=2)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    changes = {}
+    for flag in ([], ["--keep-mlp"]):
+        out = tmp_path / ("keep" if flag else "refit")
+        res = CliRunner().invoke(main, ["convert", src, "-o", str(out), "--rank", "6", "--rope-dim", "8", "-q",
+                                        "--calibration", str(corpus), "--calibration-samples", "8",
+                                        "--calibration-length", "32", *flag])
+        assert res.exit_code == 0, res.output
+        record = json.loads((out / "mha2mla.json").read_text())
+        assert record["calibration"]["method"]["mlp_drift"] == (0.0 if flag else 0.4)
+        changes[bool(flag)] = [x["mlp_down_rel_change"] for x in record["layers"]]
+    assert changes[True] == [None, None] and all(c > 0 for c in changes[False])
