@@ -1,0 +1,106 @@
+"""Time a calibrated conversion of SmolLM2-135M, phase by phase (issue 7's 3-minute budget on 2 CPU cores).
+
+    python benchmarks/convert_time.py --assets /work/assets [--budget 160+32] [--method mlp_drift=0]
+
+Each phase is timed by wrapping the function of ``mha2mla.conversion`` / ``mha2mla.calibration`` that runs it; prints
+a table and writes JSON (default ``benchmarks/results/convert-time.json``). Run it alone on the machine: concurrent jobs
+inflate wall times 2-3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import mha2mla.calibration as calibration  # noqa: E402
+import mha2mla.conversion as conversion  # noqa: E402
+from mha2mla.attention import Method  # noqa: E402
+
+PHASES = [  # (module, attribute, label)
+    (conversion, "calibration_tokens", "tokenising"),
+    (conversion, "calibrate", "schedule pre-pass"),
+    (conversion, "_choose_stride", "schedule choice"),
+    (calibration.Propagation, "layer_calibration", "statistics"),
+    (conversion, "convert_attention", "factorisation"),
+    (conversion, "_fit_queries", "query fit"),
+    (conversion, "_fit_output", "output fit"),
+    (calibration.Propagation, "advance", "moving the streams (+ MLP refit)"),
+]
+
+
+def _timed(totals: collections.Counter, label: str, f, active: list):
+    """``f`` timed into ``totals[label]``, unless it runs inside another timed phase (the pre-pass's statistics and
+    layer moves count as the pre-pass)."""
+    @functools.wraps(f)
+    def g(*args, **kwargs):
+        if active:
+            return f(*args, **kwargs)
+        active.append(label)
+        t = time.perf_counter()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            totals[label] += time.perf_counter() - t
+            active.pop()
+    return g
+
+
+def _method(spec: str) -> Method:
+    kw = {}
+    for item in filter(None, spec.split(",")):
+        key, val = item.split("=")
+        kind = type(getattr(Method(), key.strip()))
+        kw[key.strip()] = kind(val) if kind in (int, float) else val.strip() not in ("0", "false", "no")
+    return Method(**kw)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--assets", default=os.environ.get("MHA2MLA_ASSETS", os.path.expanduser("~/.cache/mha2mla-assets")))
+    p.add_argument("--budget", default="160+32", help="rank+rope_dim (default 160+32)")
+    p.add_argument("--method", default="", help="Method switches, e.g. mlp_drift=0")
+    p.add_argument("--calibration-samples", type=int, default=96)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert-time.json"))
+    args = p.parse_args()
+    rank, rope = (int(x) for x in args.budget.split("+"))
+    totals: collections.Counter = collections.Counter()
+    active: list = []
+    for owner, name, label in PHASES:
+        setattr(owner, name, _timed(totals, label, getattr(owner, name), active))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        conversion.convert(source=os.path.join(args.assets, "models", "smollm2-135m"), output=os.path.join(tmp, "mla"),
+                           rank=rank, rope_dim=rope, calibration=os.path.join(args.assets, "text", "enwiki.train.txt"),
+                           calibration_samples=args.calibration_samples, method=_method(args.method), progress=False)
+        total = time.perf_counter() - t0
+    rows = [(label, totals[label]) for _, _, label in PHASES]
+    rows.append(("other (loading, writing)", total - sum(totals.values())))
+    print(f"SmolLM2-135M {args.budget}, {args.calibration_samples} x 256 calibration tokens, method {args.method or 'default'}, "
+          f"{torch.get_num_threads()} threads")
+    print("| phase | seconds |\n|---|---:|")
+    for label, sec in rows:
+        print(f"| {label} | {sec:.1f} |")
+    print(f"| **total** | **{total:.1f}** |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"budget": args.budget, "method": args.method, "calibration_samples": args.calibration_samples,
+                   "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                   "total_seconds": round(total, 1), "phases": {k: round(v, 1) for k, v in rows}}, f, indent=2)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
