@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from mha2mla.moments import add_lower_gram, symmetric_from_lower
+
 __all__ = ["DownProjectionFit"]
 
 GRAM_BLOCKS = 4
@@ -42,12 +44,9 @@ class DownProjectionFit:
         """``activations [..., features]`` and ``miss [..., out_features]`` (``d``) of the same tokens, on any device."""
         a = activations.reshape(-1, activations.shape[-1]).float()
         d = miss.reshape(-1, miss.shape[-1]).float()
-        # E[aaᵀ] is symmetric: only the column blocks on and below the diagonal are computed (5/8 of the flops),
-        # the rest is mirrored in solve()
+        # E[aaᵀ] is symmetric: only its column blocks on and below the diagonal are computed (5/8 of the flops)
         f = a.shape[1]
-        edges = [f * k // GRAM_BLOCKS for k in range(GRAM_BLOCKS + 1)]
-        for j0, j1 in zip(edges[:-1], edges[1:]):
-            self.aa[j0:, j0:j1] += (a[:, j0:].T @ a[:, j0:j1]).double().cpu()
+        add_lower_gram(self.aa, a, [f * k // GRAM_BLOCKS for k in range(GRAM_BLOCKS + 1)])
         self.da += (d.T @ a).double().cpu()
         self.n += a.shape[0]
 
@@ -56,8 +55,7 @@ class DownProjectionFit:
         source ``W_down``, which defines ``m``) by ``ridge·mean(diag E[aaᵀ])``."""
         if self.n == 0:
             raise ValueError("no calibration tokens were added")
-        g = self.aa.tril() / self.n
-        g, w0 = g + g.tril(-1).T, prior.to(torch.float64)
+        g, w0 = symmetric_from_lower(self.aa) / self.n, prior.to(torch.float64)
         c = w0 @ g + beta * (self.da / self.n)
         lam = ridge * float(g.diagonal().mean())
         reg = g + lam * torch.eye(g.shape[0], dtype=g.dtype)
