@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert_memory.json"))
     p.add_argument("--tokenizer", help="a model directory whose tokenizer the checkpoint gets (needed by --calibration)")
     p.add_argument("--calibration", help="calibration text: the calibrated default method instead of data-free")
-    p.add_argument("--samples", type=int, default=96, help="calibration sequences (default 96)")
+    p.add_argument("--samples", type=int, default=48, help="calibration sequences of 512 tokens (default 48)")
     p.add_argument("--device", default="cpu", help="where calibration runs (default cpu)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

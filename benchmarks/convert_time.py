@@ -72,7 +72,8 @@ def main() -> None:
     p.add_argument("--assets", default=os.environ.get("MHA2MLA_ASSETS", os.path.expanduser("~/.cache/mha2mla-assets")))
     p.add_argument("--budget", default="160+32", help="rank+rope_dim (default 160+32)")
     p.add_argument("--method", default="", help="Method switches, e.g. mlp_drift=0")
-    p.add_argument("--calibration-samples", type=int, default=96)
+    p.add_argument("--calibration-samples", type=int, default=48)
+    p.add_argument("--calibration-length", type=int, default=512)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert-time.json"))
     args = p.parse_args()
     rank, rope = (int(x) for x in args.budget.split("+"))
@@ -84,11 +85,12 @@ def main() -> None:
         t0 = time.perf_counter()
         conversion.convert(source=os.path.join(args.assets, "models", "smollm2-135m"), output=os.path.join(tmp, "mla"),
                            rank=rank, rope_dim=rope, calibration=os.path.join(args.assets, "text", "enwiki.train.txt"),
-                           calibration_samples=args.calibration_samples, method=_method(args.method), progress=False)
+                           calibration_samples=args.calibration_samples,
+                           calibration_length=args.calibration_length, method=_method(args.method), progress=False)
         total = time.perf_counter() - t0
     rows = [(label, totals[label]) for _, _, label in PHASES]
     rows.append(("other (loading, writing)", total - sum(totals.values())))
-    print(f"SmolLM2-135M {args.budget}, {args.calibration_samples} x 256 calibration tokens, method {args.method or 'default'}, "
+    print(f"SmolLM2-135M {args.budget}, {args.calibration_samples} x {args.calibration_length} calibration tokens, method {args.method or 'default'}, "
           f"{torch.get_num_threads()} threads")
     print("| phase | seconds |\n|---|---:|")
     for label, sec in rows:
@@ -97,6 +99,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"budget": args.budget, "method": args.method, "calibration_samples": args.calibration_samples,
+                   "calibration_length": args.calibration_length,
                    "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                    "total_seconds": round(total, 1), "phases": {k: round(v, 1) for k, v in rows}}, f, indent=2)
         f.write("\n")

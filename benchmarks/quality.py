@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated RANK+ROPE_DIM (default {DEFAULT_BUDGETS})")
     p.add_argument("--limit", type=int, default=200, help="documents per task (default 200)")
     p.add_argument("--calibration", help="calibration text passed to mha2mla.convert (default: data-free)")
-    p.add_argument("--calibration-samples", type=int, default=96, help="calibration sequences (default 96)")
-    p.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--calibration-samples", type=int, default=48, help="calibration sequences (default 48)")
+    p.add_argument("--calibration-length", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--method", default="", help="calibrated ingredients to switch, e.g. value_refit=0,balance_search=0 "
                                                 "(see mha2mla.attention.Method)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks; empty for perplexity only")

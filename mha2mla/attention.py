@@ -107,7 +107,7 @@ class Method:
             the key-side moment (attention-weighted when ``attention_weighted_keys``) and values on the averaged inputs (needs ``value_refit``; 0: only ``W_upV`` is refit on
             them, the latent stays the weighted SVD's).
         context_sequences: calibration sequences the averaged-input moment is measured on (0: all; it is the
-            costliest statistic).
+            costliest statistic, cubic in the sequence length: 16 of the default 512 tokens).
         output_fit: refit every head's value up-projection and ``W_o`` by least squares so the converted layer's output
             (under its own attention weights) matches the source layer's on the calibration tokens
             (:mod:`mha2mla.value_path`).
@@ -120,7 +120,9 @@ class Method:
         query_fit: L-BFGS iterations that refit the query projection so each converted head's attention
             distribution matches the source head's (mean KL over the calibration queries, :mod:`mha2mla.query_fit`);
             it absorbs much of what sharing one rope key costs. 0: off.
-        query_fit_sequences: calibration sequences the query fit runs on.
+        query_fit_sequences: calibration sequences the query fit runs on (2 of the default 512 tokens: its cost is
+            quadratic in the length; 4, with 32 context sequences, gave 63.1 instead of 64.5 ppl at SmolLM2 32+32 for
+            ~3.7 s more per layer).
         drift_correction: with ``sequential`` and ``output_fit``, the source model's own hidden states are carried
             beside the converted ones, and each layer's output-fit target moves this fraction of the way towards
             putting the residual stream back on the source's (``a_src(x_src) + h_src − h`` instead of the source layer
@@ -145,9 +147,9 @@ class Method:
     output_fit_stride: int = 1
     sequential: bool = True
     attention_weighted_keys: bool = True
-    context_sequences: int = 32
+    context_sequences: int = 16
     query_fit: int = 15
-    query_fit_sequences: int = 4
+    query_fit_sequences: int = 2
     drift_correction: float = 0.4
     mlp_drift: float = 0.4
 
@@ -239,10 +241,20 @@ def convert_attention(
             wo = weights.o.reshape(hidden, n_h, hd).transpose(0, 1)  # [n_h, hidden, hd]
             factor_kw["left_v"] = sqrtm_psd(torch.zeros(n_kv, hd, hd, dtype=wo.dtype).index_add_(0, group, wo.transpose(1, 2) @ wo))
 
+    w32 = AttentionWeights(**{k: None if v is None else v.float() for k, v in vars(weights).items()})
+
     def assemble(k_weight: float, final: bool = True):
-        latent = factorize_latent(k=k_rows, v=weights.v, rank=plan.rank, k_weight=k_weight, **factor_kw)
+        # the balance search's candidates (not final) are computed in float32: they are only ranked (2x faster SVDs)
+        dt = k_rows.dtype if final else torch.float32
+        w = weights if final else w32
+
+        def cast(t):
+            return None if t is None else t.to(dt)
+
+        latent = factorize_latent(k=cast(k_rows), v=w.v, rank=plan.rank, k_weight=k_weight,
+                                  **{n: cast(t) for n, t in factor_kw.items()})
         if calib is not None and method.value_refit and calib.sigma_ctx is not None:
-            sig_v = calib.sigma_ctx.to(k_rows.dtype)
+            sig_v = calib.sigma_ctx.to(dt)
             if method.alternating > 0 and final:
                 lk, lv = factor_kw.get("left_k"), factor_kw.get("left_v")
                 latent.down, latent.up_k, latent.up_v = refine_latent(
@@ -250,9 +262,9 @@ def convert_attention(
                     sigma_v=sig_v, weight_k=None if lk is None else lk @ lk, weight_v=None if lv is None else lv @ lv,
                     k_weight=k_weight, iters=method.alternating)
             else:
-                latent.up_v = refit_values(v=weights.v, down=latent.down, sigma_ctx=sig_v)
-        return _assemble(plan=plan, weights=weights, latent=latent, q_nope=q_nope, q_rope=q_rope, k_rope=k_rope,
-                         group=group, input_norm_bound=input_norm_bound), latent
+                latent.up_v = refit_values(v=w.v, down=latent.down, sigma_ctx=sig_v)
+        return _assemble(plan=plan, weights=w, latent=latent, q_nope=cast(q_nope), q_rope=cast(q_rope),
+                         k_rope=cast(k_rope), group=group, input_norm_bound=input_norm_bound), latent
 
     chosen_kw, out_err = 1.0, None
     if calib is not None and method.balance_search:
@@ -260,7 +272,6 @@ def convert_attention(
         # ranked in float32 (the search only orders the candidates)
         x = calib.x_sample.float()
         pos = torch.arange(x.shape[1], dtype=torch.float32)[:, None]
-        w32 = AttentionWeights(**{k: None if v is None else v.float() for k, v in vars(weights).items()})
         ref = source_attention(weights=w32, x=x, angles=pos * calib.inv_freq.float(), n_heads=n_h, n_kv=n_kv, head_dim=hd)
         angles = pos * calib.inv_freq.float()[freqs]
         best = None

@@ -32,7 +32,7 @@ __all__ = ["convert", "ConversionResult"]
 # Up to this hidden size the layer math runs in float64 (cheap, and exact to ~1e-12); above it in float32.
 FLOAT64_MAX_HIDDEN = 2048
 # Sequences of the calibration set on which the global choices (RoPE schedule, kv-budget split) are made.
-PLAN_SEQUENCES = 8
+PLAN_SEQUENCES = 4  # (4 × the default 512 tokens)
 
 
 def _compute_dtype(hidden: int) -> torch.dtype:
@@ -320,8 +320,8 @@ def convert(
     kv_budget: int | None = None,
     rope_stride: int | None = None,
     calibration: str | list[str] | None = None,
-    calibration_samples: int = 96,
-    calibration_length: int = 256,
+    calibration_samples: int = 48,
+    calibration_length: int = 512,
     method: Method | None = None,
     dtype: str = "auto",
     force: bool = False,

@@ -78,18 +78,19 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
         for x, lp in zip(inputs, targets):
             _, kk, _, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)  # [b, H, L, hd+d]
             p = lp.exp()
-            batches.append((_query_features(tensors, x), kk, p, (p * lp.clamp_min(-1e30)).sum(-1)))
+            # Σ_n p_n log q_n = scale·q·(Σ_n p_n k_n) − logsumexp(s): the target-weighted keys are fixed
+            batches.append((_query_features(tensors, x), kk, p @ kk, (p * lp.clamp_min(-1e30)).sum(-1)))
     mask = _causal_mask(inputs[0].shape[1], inputs[0].device)
-    count = sum(int(p.shape[0]) * n_h * int(p.shape[2]) for _, _, p, _ in batches)
+    count = sum(int(pk.shape[0]) * n_h * int(pk.shape[2]) for _, _, pk, _ in batches)
 
     def loss_of(w: torch.Tensor) -> torch.Tensor:
         total = 0.0
-        for z, kk, p, neg_ent in batches:
+        for z, kk, pk, neg_ent in batches:
             b, l, _ = z.shape
             q = (z @ w.T).view(b, l, n_h, hd + d).transpose(1, 2)
-            q = torch.cat((q[..., :hd], _rotate_interleaved(q[..., hd:], angles)), dim=-1)
-            logp = ((q @ kk.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")).log_softmax(-1)
-            cross = (p * logp.masked_fill(~mask, 0.0)).sum(-1)
+            q = torch.cat((q[..., :hd], _rotate_interleaved(q[..., hd:], angles)), dim=-1) * scale
+            lse = (q @ kk.transpose(-1, -2)).masked_fill(~mask, float("-inf")).logsumexp(-1)
+            cross = (q * pk).sum(-1) - lse  # Σ_n p_n log softmax(s)_n
             total = total + (neg_ent - cross).sum()
         return total / count
 

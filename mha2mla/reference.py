@@ -12,7 +12,7 @@ import torch
 
 from mha2mla.plan import TARGET_EPS, ConversionPlan
 
-__all__ = ["source_qkv", "source_attention", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error"]
+__all__ = ["causal_sdpa", "source_qkv", "source_attention", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error"]
 
 
 def _rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -28,10 +28,29 @@ def _rotate_interleaved(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention ``[B, heads, L, d_v]`` of ``q, k [B, heads, L, d]`` and ``v [B, heads, L, d_v]``.
+
+    On the CPU, torch's fused (flash) kernel needs ``d == d_v`` and otherwise falls back to materialising the scores;
+    MLA has ``d = head_dim + rope_dim`` and, for the latent contexts, ``d_v = rank``. Zero-padding the narrower side
+    changes no score or output and is 1.6-2x faster there (SmolLM2, 8x256 tokens: 96/160 56 ms instead of 90 ms,
+    96/32 39 ms instead of 77 ms, one thread).
+    """
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dq == dv or q.device.type != "cpu":
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    pad = torch.nn.functional.pad
+    if dq < dv:
+        q, k = pad(q, (0, dv - dq)), pad(k, (0, dv - dq))
+    else:
+        v = pad(v, (0, dq - dv))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out[..., :dv]
+
+
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """``q, k, v: [B, heads, L, d]`` → ``[B, L, heads·d_v]``."""
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return out.transpose(1, 2).flatten(2)
+    return causal_sdpa(q, k, v, scale).transpose(1, 2).flatten(2)
 
 
 def source_qkv(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
@@ -109,8 +128,7 @@ def mla_head_contexts(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, a
     """
     qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
     cc = c[:, None].expand(-1, plan.n_heads, -1, -1)
-    return torch.nn.functional.scaled_dot_product_attention(qq, kk, cc, is_causal=True,
-                                                            scale=(plan.head_dim + plan.rope_dim) ** -0.5)
+    return causal_sdpa(qq, kk, cc, (plan.head_dim + plan.rope_dim) ** -0.5)
 
 
 def mla_output_from_contexts(*, tensors: dict, plan: ConversionPlan, contexts: torch.Tensor) -> torch.Tensor:
