@@ -95,3 +95,22 @@ def test_conversion_records_the_query_fit(tiny_source, tmp_path):
     off = mha2mla.convert(source=src, output=str(tmp_path / "off"), rank=24, rope_dim=4, calibration=str(corpus),
                           calibration_samples=8, calibration_length=32, progress=False, method=Method(query_fit=0))
     assert all(layer.query_kl_before is None for layer in off.layers)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fitted_loss_is_the_mean_attention_kl(tiny_source, tmp_path, bias):
+    """The fit's loss (written with the identity Σ p log softmax(s) = q·(Σ p k) − logsumexp(s)) equals the mean KL
+    between the source and converted attention distributions computed directly from the converted layer."""
+    from mha2mla.reference import _mla_scores_inputs
+
+    plan, tensors, xs, targets, angles = _layer(tiny_source, tmp_path, attention_bias=bias)
+    total, count = 0.0, 0
+    for x, lp in zip(xs, targets):
+        qq, kk, _, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        logq = (qq @ kk.transpose(-1, -2) * (plan.head_dim + plan.rope_dim) ** -0.5).masked_fill(~mask, -math.inf)
+        logq = logq.log_softmax(-1)
+        kl = (lp.exp() * (lp - logq).masked_fill(~mask, 0.0)).sum(-1)
+        total, count = total + float(kl.sum()), count + kl.numel()
+    assert total / count > 1e-3
+    assert _kl(plan, tensors, xs, targets, angles) == pytest.approx(total / count, rel=1e-4)

@@ -299,3 +299,20 @@ def test_cli_keep_mlp_switches_the_mlp_refit_off(tiny_source, tmp_path):
         assert record["calibration"]["method"]["mlp_drift"] == (0.0 if flag else 0.4)
         changes[bool(flag)] = [x["mlp_down_rel_change"] for x in record["layers"]]
     assert changes[True] == [None, None] and all(c > 0 for c in changes[False])
+
+
+@pytest.mark.parametrize("dq,dv", [(24, 40), (24, 8), (16, 16)])
+def test_causal_attention_with_unequal_widths_equals_the_explicit_softmax(dq, dv):
+    """The zero-padded fused attention (query/key and value widths differ, as in MLA) equals softmax(qkᵀ)v computed
+    explicitly."""
+    from mha2mla.reference import causal_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 20, dq, generator=g), torch.randn(2, 3, 20, dq, generator=g)
+    v = torch.randn(2, 3, 20, dv, generator=g)
+    scale = 0.3
+    mask = torch.ones(20, 20, dtype=torch.bool).tril()
+    want = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, -math.inf).softmax(-1) @ v
+    got = causal_sdpa(q, k, v, scale)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
