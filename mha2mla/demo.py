@@ -65,11 +65,12 @@ def _load(path: str):
 
 
 def run_demo(*, source: str | None, output: str, rank: int, rope_dim: int | None, calibration: str | None = None,
-             data_free: bool = False, samples: int = 32, length: int = 256, force: bool = True) -> dict:
+             data_free: bool = False, samples: int = 16, length: int = 512, force: bool = True) -> dict:
     """Convert ``source`` (default: SmolLM2-135M), then report KV saving and perplexity before/after.
 
-    Calibrates on Wikipedia articles (or ``calibration``) unless ``data_free``; perplexity is measured on held-out
-    Wikipedia articles (4096 tokens, windows of 512).
+    Calibrates on Wikipedia articles (or ``calibration``) unless ``data_free``, on ``samples`` sequences of ``length``
+    tokens (SmolLM2 96+32: 16 × 512 gave ppl 35.2 in 131 s, 32 × 256 38.3 in 99 s, 2 CPU cores); perplexity is
+    measured on held-out Wikipedia articles (4096 tokens, windows of 512).
 
     Returns:
         ``{"source", "output", "kv", "tokens", "ppl_source", "ppl_converted", "portable", "calibration"}``.
