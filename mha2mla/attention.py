@@ -107,7 +107,8 @@ class Method:
             the key-side moment (attention-weighted when ``attention_weighted_keys``) and values on the averaged inputs (needs ``value_refit``; 0: only ``W_upV`` is refit on
             them, the latent stays the weighted SVD's).
         context_sequences: calibration sequences the averaged-input moment is measured on (0: all; it is the
-            costliest statistic, cubic in the sequence length: 16 of the default 512 tokens).
+            costliest statistic, cubic in the sequence length; SmolLM2 32+32 with 48 × 512 tokens: 16 → 64.5 ppl, 32 →
+            63.5, for ~0.5 s more per layer).
         output_fit: refit every head's value up-projection and ``W_o`` by least squares so the converted layer's output
             (under its own attention weights) matches the source layer's on the calibration tokens
             (:mod:`mha2mla.value_path`).
@@ -121,8 +122,7 @@ class Method:
             distribution matches the source head's (mean KL over the calibration queries, :mod:`mha2mla.query_fit`);
             it absorbs much of what sharing one rope key costs. 0: off.
         query_fit_sequences: calibration sequences the query fit runs on (2 of the default 512 tokens: its cost is
-            quadratic in the length; 4, with 32 context sequences, gave 63.1 instead of 64.5 ppl at SmolLM2 32+32 for
-            ~3.7 s more per layer).
+            quadratic in the length; 4 gave 63.1 instead of 63.5 ppl at SmolLM2 32+32 for ~3 s more per layer).
         drift_correction: with ``sequential`` and ``output_fit``, the source model's own hidden states are carried
             beside the converted ones, and each layer's output-fit target moves this fraction of the way towards
             putting the residual stream back on the source's (``a_src(x_src) + h_src − h`` instead of the source layer
@@ -147,7 +147,7 @@ class Method:
     output_fit_stride: int = 1
     sequential: bool = True
     attention_weighted_keys: bool = True
-    context_sequences: int = 16
+    context_sequences: int = 32
     query_fit: int = 15
     query_fit_sequences: int = 2
     drift_correction: float = 0.4
