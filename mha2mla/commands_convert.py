@@ -16,7 +16,8 @@ from mha2mla.cli import user_errors
 @click.option("--rope-stride", type=int, default=None, help="Keep every k-th source frequency (default head_dim/rope-dim, which keeps θ; with --calibration it is chosen from the data).")
 @click.option("--calibration", default=None, help="Calibration text: .txt/.jsonl file, directory, or hf:DATASET.")
 @click.option("--calibration-samples", type=int, default=48, show_default=True, help="Calibration sequences.")
-@click.option("--calibration-length", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--calibration-length", type=int, default=512, show_default=True,
+              help="Tokens per calibration sequence (shortened to the source's max_position_embeddings if longer).")
 @click.option("--device", default="cpu", show_default=True, help="Where calibration runs: cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True, help="Output dtype.")
 @click.option("--max-shard-size", default="500MB", show_default=True, help="Largest output safetensors shard (the writer buffers one shard in memory).")

@@ -343,7 +343,8 @@ def convert(
         calibration: calibration text (file, JSONL, directory, dataset, or a list of documents); ``None`` converts
             data-free.
         calibration_samples: number of calibration sequences.
-        calibration_length: tokens per calibration sequence.
+        calibration_length: tokens per calibration sequence (at most the source's ``max_position_embeddings``: a longer
+            request is shortened to it, and the record says so).
         method: calibrated ingredients (default: all; see :class:`mha2mla.attention.Method`).
         dtype: ``auto`` (source's, bf16 for fp16 sources), ``float32`` or ``bfloat16``.
         force: replace an existing ``output``.
@@ -379,9 +380,15 @@ def convert(
     method = method or Method()
     calib_info, prop = None, None
     if calibration is not None:
-        tokens = calibration_tokens(source=src, data=calibration, samples=calibration_samples, length=calibration_length)
-        calib_info = {"tokens": int(tokens.numel()), "samples": calibration_samples, "length": calibration_length,
+        length = calibration_length
+        max_pos = src.config.get("max_position_embeddings")
+        if isinstance(max_pos, int) and 16 <= max_pos < length:
+            length = max_pos  # calibrate within the context the source was trained for
+        tokens = calibration_tokens(source=src, data=calibration, samples=calibration_samples, length=length)
+        calib_info = {"tokens": int(tokens.numel()), "samples": calibration_samples, "length": length,
                       "method": asdict(method)}
+        if length != calibration_length:
+            calib_info["length_requested"] = calibration_length
         choose_stride = rope_stride is None and src.rope["rope_type"] == "default"
         if budget_info is not None or choose_stride:
             # the schedule and split are global choices: decide them on a quick pass over a few sequences

@@ -183,3 +183,17 @@ def test_latent_step_solves_its_normal_equations_with_per_head_value_blocks():
     rhs = rhs + sum(b.T @ w @ vv @ s for b, w, vv, s in zip(bv0, wv, v.reshape(n_h, hd, d), sv))
     want = torch.linalg.solve(op, rhs.reshape(-1)).reshape(r, d)
     assert torch.allclose(a, want, rtol=1e-6, atol=1e-8)
+
+
+def test_calibration_longer_than_the_source_context_is_shortened_and_recorded(tiny_source, tmp_path):
+    import json
+
+    src = tiny_source(layers=1)  # max_position_embeddings 256
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 200)
+    res = mha2mla.convert(source=src, output=str(tmp_path / "out"), rank=8, rope_dim=8, calibration=str(corpus),
+                          calibration_samples=2, calibration_length=300, progress=False,
+                          method=Method(query_fit=2, alternating=0))
+    info = json.loads((tmp_path / "out" / "mha2mla.json").read_text())["calibration"]
+    assert (info["length"], info["length_requested"], info["tokens"]) == (256, 300, 2 * 256)
+    assert res.record["calibration"]["length"] == 256
