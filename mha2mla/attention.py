@@ -108,7 +108,7 @@ class Method:
             them, the latent stays the weighted SVD's).
         context_sequences: calibration sequences the averaged-input moment is measured on (0: all; it is the
             costliest statistic, cubic in the sequence length; SmolLM2 32+32 with 48 × 512 tokens: 16 → 64.5 ppl, 32 →
-            63.5, for ~0.5 s more per layer).
+            63.5, for ~0.6 s more per layer).
         output_fit: refit every head's value up-projection and ``W_o`` by least squares so the converted layer's output
             (under its own attention weights) matches the source layer's on the calibration tokens
             (:mod:`mha2mla.value_path`).
@@ -241,7 +241,10 @@ def convert_attention(
             wo = weights.o.reshape(hidden, n_h, hd).transpose(0, 1)  # [n_h, hidden, hd]
             factor_kw["left_v"] = sqrtm_psd(torch.zeros(n_kv, hd, hd, dtype=wo.dtype).index_add_(0, group, wo.transpose(1, 2) @ wo))
 
-    w32 = AttentionWeights(**{k: None if v is None else v.float() for k, v in vars(weights).items()})
+    searched = calib is not None and method.balance_search
+    w32 = weights  # float32 copies for the balance search's candidates (only ranked)
+    if searched:
+        w32 = AttentionWeights(**{k: None if v is None else v.float() for k, v in vars(weights).items()})
 
     def assemble(k_weight: float, final: bool = True):
         # the balance search's candidates (not final) are computed in float32: they are only ranked (2x faster SVDs)
@@ -267,7 +270,7 @@ def convert_attention(
                          k_rope=cast(k_rope), group=group, input_norm_bound=input_norm_bound), latent
 
     chosen_kw, out_err = 1.0, None
-    if calib is not None and method.balance_search:
+    if searched:
         base = _balance_scale(k_rows, weights.v, factor_kw)
         # ranked in float32 (the search only orders the candidates)
         x = calib.x_sample.float()

@@ -123,7 +123,7 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         t1, t2 = t[..., :half], t[..., half:]
         return t * cos + torch.cat((-t2, t1), dim=-1) * sin
 
-    q, k = rot(q) * hd**-0.5, rot(k).repeat_interleave(n_heads // n_kv, dim=1)  # (scaling q: 1/4 of the scores' size)
+    q, k = rot(q) * hd**-0.5, rot(k).repeat_interleave(n_heads // n_kv, dim=1)  # (scaling q, not the L×L scores)
     dev = x.device
     mask = torch.ones(l, l, dtype=torch.bool, device=dev).tril()
     p = (q @ k.transpose(-1, -2)).masked_fill_(~mask, float("-inf")).softmax(-1)  # [B, H, L, L], 0 above the diagonal

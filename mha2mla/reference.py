@@ -33,7 +33,7 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 
     On the CPU, torch's fused (flash) kernel needs ``d == d_v`` and otherwise falls back to materialising the scores;
     MLA has ``d = head_dim + rope_dim`` and, for the latent contexts, ``d_v = rank``. Zero-padding the narrower side
-    changes no score or output and is 1.6-2x faster there (SmolLM2, 8x256 tokens: 96/160 56 ms instead of 90 ms,
+    changes no score or output and is 1.3-2x faster there (SmolLM2, 8x256 tokens: 96/160 69 ms instead of 90 ms,
     96/32 39 ms instead of 77 ms, one thread).
     """
     dq, dv = q.shape[-1], v.shape[-1]
