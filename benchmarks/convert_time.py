@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import mha2mla.calibration as calibration  # noqa: E402
 import mha2mla.conversion as conversion  # noqa: E402
+from mha2mla.allocator import keep_freed_memory  # noqa: E402
 from mha2mla.attention import Method  # noqa: E402
 
 PHASES = [  # (module, attribute, label)
@@ -58,15 +59,6 @@ def _timed(totals: collections.Counter, label: str, f, active: list):
     return g
 
 
-def _method(spec: str) -> Method:
-    kw = {}
-    for item in filter(None, spec.split(",")):
-        key, val = item.split("=")
-        kind = type(getattr(Method(), key.strip()))
-        kw[key.strip()] = kind(val) if kind in (int, float) else val.strip() not in ("0", "false", "no")
-    return Method(**kw)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--assets", default=os.environ.get("MHA2MLA_ASSETS", os.path.expanduser("~/.cache/mha2mla-assets")))
@@ -76,6 +68,7 @@ def main() -> None:
     p.add_argument("--calibration-length", type=int, default=512)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert-time.json"))
     args = p.parse_args()
+    keep_freed_memory()  # as the CLI does
     rank, rope = (int(x) for x in args.budget.split("+"))
     totals: collections.Counter = collections.Counter()
     active: list = []
@@ -86,7 +79,7 @@ def main() -> None:
         conversion.convert(source=os.path.join(args.assets, "models", "smollm2-135m"), output=os.path.join(tmp, "mla"),
                            rank=rank, rope_dim=rope, calibration=os.path.join(args.assets, "text", "enwiki.train.txt"),
                            calibration_samples=args.calibration_samples,
-                           calibration_length=args.calibration_length, method=_method(args.method), progress=False)
+                           calibration_length=args.calibration_length, method=Method.from_spec(args.method), progress=False)
         total = time.perf_counter() - t0
     rows = [(label, totals[label]) for _, _, label in PHASES]
     rows.append(("other (loading, writing)", total - sum(totals.values())))

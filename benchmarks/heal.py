@@ -44,7 +44,7 @@ def _args(argv=None):
     p.add_argument("--tokens", type=int, default=300_000, help="Training tokens per healing run.")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--eval-tokens", type=int, default=16384, help="Test tokens for perplexity.")

@@ -115,15 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     import mha2mla
     from mha2mla.evaluate import evaluate
 
+    from mha2mla.allocator import keep_freed_memory
     from mha2mla.attention import Method
 
+    keep_freed_memory()  # as the CLI does
+
     TASKS = tuple(t for t in args.tasks.split(",") if t)
-    method_kw = {}
-    for item in filter(None, args.method.split(",")):
-        key, _, val = item.partition("=")
-        kind = type(getattr(Method(), key.strip()))
-        method_kw[key.strip()] = kind(val) if kind in (int, float) else val.strip() not in ("0", "false", "no")
-    method = Method(**method_kw)
+    method = Method.from_spec(args.method)
     budgets = parse_budgets(args.budgets)
     assets = Path(args.assets)
     source = args.source or str(assets / "models" / "smollm2-135m")
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**{k: v for k, v in eval_kw.items() if k != "tasks"}, "tasks": list(TASKS), "source": source,
                      "budgets": [f"{r}+{d}" for r, d in budgets], "calibration": args.calibration,
                      "calibration_samples": args.calibration_samples, "calibration_length": args.calibration_length,
-                     "method": method_kw},
+                     "method": {k: v for k, v in vars(method).items() if v != getattr(Method(), k)}},
         "table": rows, "source_eval": base, "budgets": records,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -134,6 +134,10 @@ class Method:
             residual stream: the MLP's many hidden features take back drift the small latent cannot. The written
             checkpoint's ``down_proj`` weights then differ from the source's. 0: off (SmolLM2 32+32, trial runs
             without the last layer's refit: 0 → 74.9 ppl, 0.2 → 68.0, 0.4 → 68.5, 0.8 → 73.6).
+        mlp_dtype: the precision of the MLP forwards that move the calibration streams (source and converted) and of
+            the MLP refit's activations (its moments and solve stay float32/float64): ``"bfloat16"``, ``"float32"``, or
+            ``"auto"``: bfloat16 where the device multiplies it natively (AVX512-BF16/AMX CPUs, CUDA), else float32.
+            The residual streams stay float32.
     """
 
     expected_rotation: bool = True
@@ -152,6 +156,25 @@ class Method:
     query_fit_sequences: int = 2
     drift_correction: float = 0.4
     mlp_drift: float = 0.4
+    mlp_dtype: str = "auto"
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "Method":
+        """A method from comma-separated switches, e.g. ``"mlp_drift=0,query_fit=10,mlp_dtype=float32"`` (booleans
+        take 0/1/false/true/no/yes); unknown names raise ValueError."""
+        kw: dict = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            key, sep, val = (t.strip() for t in item.partition("="))
+            if not sep or key not in cls.__dataclass_fields__:
+                raise ValueError(f"method switch {item!r}: expected NAME=VALUE with NAME one of "
+                                 f"{', '.join(cls.__dataclass_fields__)}")
+            kind = type(getattr(cls(), key))
+            kw[key] = val.lower() not in ("0", "false", "no") if kind is bool else kind(val)
+        return cls(**kw)
+
+    def __post_init__(self):
+        if self.mlp_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"Method.mlp_dtype must be 'auto', 'float32' or 'bfloat16', got {self.mlp_dtype!r}")
 
 
 BALANCE_GRID = (1 / 16, 1 / 4, 1.0, 4.0, 16.0)

@@ -7,6 +7,7 @@ candidate conversions are measured.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -18,11 +19,27 @@ from mha2mla.errors import Mha2mlaError
 from mha2mla.mlp_fit import DownProjectionFit
 from mha2mla.source import SourceModel
 
-__all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens"]
+__all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens", "native_bfloat16"]
 
 # The MLP refit keeps the calibration tokens' MLP activations between its two passes when they take at most this many
 # floats (N·L·intermediate; 38M for SmolLM2); above it they are computed again.
 MLP_ACTIVATION_CACHE_MAX_FLOATS = 256 * 2**20
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX-BF16, read from
+    ``/proc/cpuinfo``), so bfloat16 matmuls are faster than float32 there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
 
 
 @dataclass
@@ -175,8 +192,9 @@ class Propagation:
     """
 
     def __init__(self, *, source: SourceModel, tokens: torch.Tensor, batch: int = 8, device: str | torch.device = "cpu",
-                 track_source: bool = False):
+                 track_source: bool = False, mlp_dtype: torch.dtype = torch.float32):
         self.source, self.batch, self.device = source, batch, torch.device(device)
+        self.mlp_dtype = mlp_dtype
         self.config = _hf_config(source)
         rotary = _rotary(source, self.config)
         self.pos = torch.arange(tokens.shape[1], device=self.device)[None]
@@ -191,7 +209,10 @@ class Propagation:
 
     def _load(self, i: int):
         if self._layer is None or self._layer[0] != i:
-            self._layer = (i, _decoder_layer(self.source, self.config, i, torch.float32).to(self.device))
+            layer = _decoder_layer(self.source, self.config, i, torch.float32).to(self.device)
+            # the MLP the streams move through (a copy in ``mlp_dtype``; the layer's own stays float32)
+            self._mlp_copy = layer.mlp if self.mlp_dtype == torch.float32 else copy.deepcopy(layer.mlp).to(self.mlp_dtype)
+            self._layer = (i, layer)
         return self._layer[1]
 
     @torch.no_grad()
@@ -201,12 +222,12 @@ class Propagation:
         for s in range(0, self.h.shape[0], self.batch):
             yield layer.input_layernorm(self.h[s : s + self.batch])
 
-    @staticmethod
-    def _mlp(layer, h: torch.Tensor) -> torch.Tensor:
-        # float32: the drift correction subtracts the two streams; with bfloat16 MLPs (2.6x faster matmuls on CPUs with
-        # AVX512-BF16) their rounding differences entered that difference and a full-rank MQA conversion's logit
-        # error rose from 4.6e-6 to 5.4e-4
-        return layer.mlp(layer.post_attention_layernorm(h))
+    def _mlp(self, layer, h: torch.Tensor) -> torch.Tensor:
+        """The layer's MLP output on the stream ``h`` (float32), computed in ``mlp_dtype``. (bfloat16 is ~3x faster on
+        CPUs with AVX512-BF16; its rounding enters the difference of the two streams that the drift corrections fit,
+        so exactness checks use float32: a full-rank MQA conversion's logit error was 4.6e-6 in float32, 5.4e-4 in
+        bfloat16.)"""
+        return self._mlp_copy(layer.post_attention_layernorm(h).to(self.mlp_dtype)).float()
 
     @property
     def tracks_source(self) -> bool:
@@ -294,20 +315,20 @@ class Propagation:
                 h = h + (attention[n] if isinstance(attention, list) else attention(layer.input_layernorm(h)))
                 self.h[sl] = h + self._mlp(layer, h)
         down = self._refit_mlp(layer, attention, mlp_drift) if fit_mlp else None
-        self._layer = None
+        self._layer = self._mlp_copy = None
         return down
 
     def _refit_mlp(self, layer, attention, beta: float) -> torch.Tensor:
         """The converted stream past the attention and the refit MLP (see :meth:`advance`); returns the refit weight."""
-        mlp = layer.mlp
-        w0 = mlp.down_proj.weight
+        mlp, dt = self._mlp_copy, self.mlp_dtype
+        w0 = layer.mlp.down_proj.weight
         fit = DownProjectionFit(features=w0.shape[1], out_features=w0.shape[0])
         n_tok = self.h.shape[0] * self.h.shape[1]
         keep = n_tok * w0.shape[1] <= MLP_ACTIVATION_CACHE_MAX_FLOATS
         acts = []
 
-        def activations(h_mid):
-            u = layer.post_attention_layernorm(h_mid)
+        def activations(h_mid):  # in mlp_dtype
+            u = layer.post_attention_layernorm(h_mid).to(dt)
             return mlp.act_fn(mlp.gate_proj(u)) * mlp.up_proj(u)
 
         for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
@@ -316,14 +337,14 @@ class Propagation:
             h_mid = h + (attention[n] if isinstance(attention, list) else attention(layer.input_layernorm(h)))
             a = activations(h_mid)
             # on every token: moments on every 2nd one saved ~1 s per layer on SmolLM2 but lost 32+32 quality (68.9 → 72.0)
-            fit.add(activations=a, miss=self.h_src[sl] - h_mid - mlp.down_proj(a))
+            fit.add(activations=a, miss=self.h_src[sl] - h_mid - mlp.down_proj(a).float())
             self.h[sl] = h_mid  # the stream after the attention; the refit MLP's output is added below
             if keep:
                 acts.append(a)
         w = fit.solve(prior=w0.detach().double().cpu(), beta=beta)
-        w_dev = w.to(self.device, torch.float32)
+        w_dev = w.to(self.device, dt)
         for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
             sl = slice(s, s + self.batch)
             a = acts[n] if keep else activations(self.h[sl])
-            self.h[sl] = self.h[sl] + a @ w_dev.T
+            self.h[sl] = self.h[sl] + (a @ w_dev.T).float()
         return w

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mha2mla.attention import AttentionWeights, LayerStats, Method, choose_rope_stride, convert_attention, rope_frequency_scores
-from mha2mla.calibration import LayerCalibration, Propagation, calibrate, calibration_tokens
+from mha2mla.calibration import LayerCalibration, Propagation, calibrate, calibration_tokens, native_bfloat16
 from mha2mla.errors import Mha2mlaError
 from mha2mla.plan import ConversionPlan, make_plan
 from mha2mla.reference import (mla_attention, mla_head_contexts, mla_output_from_contexts, relative_output_error,
@@ -140,6 +140,13 @@ def _tracks_source(method: Method, plan: ConversionPlan) -> bool:
     correction (joint fit only) or the MLP refit, both of sequential conversion."""
     attention = method.drift_correction > 0 and method.output_fit and _joint_fit(plan)
     return method.sequential and (attention or method.mlp_drift > 0)
+
+
+def _mlp_dtype(method: Method, device: torch.device) -> torch.dtype:
+    """The dtype the calibration streams' MLPs run in (see ``Method.mlp_dtype``)."""
+    if method.mlp_dtype == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    return getattr(torch, method.mlp_dtype)
 
 
 def _on_device(prop: Propagation, attn: AttentionWeights,
@@ -400,8 +407,10 @@ def convert(
             else:
                 plan, calib_info["rope_stride_shares"] = _choose_stride(src, plan, pre, method, rope_dim, dtype, rank)
             del pre
-        prop = Propagation(source=src, tokens=tokens, device=device, track_source=_tracks_source(method, plan))
-        calib_info["propagation"] = {"tracks_source": prop.tracks_source}
+        mlp_dtype = _mlp_dtype(method, device)
+        prop = Propagation(source=src, tokens=tokens, device=device, track_source=_tracks_source(method, plan),
+                           mlp_dtype=mlp_dtype)
+        calib_info["propagation"] = {"tracks_source": prop.tracks_source, "mlp_dtype": str(mlp_dtype).removeprefix("torch.")}
     shard_bytes = parse_size(max_shard_size)
     compute = _compute_dtype(plan.hidden)
     out_dt = plan.torch_dtype

@@ -47,7 +47,7 @@ class HealRecipe:
     distill_alpha: float = 0.5  # loss = (1 - alpha) * CE + alpha * T² * KL(teacher || student)
     distill_temperature: float = 1.0
     # optimizer (AdamW) and learning-rate schedule
-    lr: float = 1e-4
+    lr: float = 1e-5  # a calibrated conversion is close to its source: 1e-4 made a short heal worse (RESULTS.md)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8

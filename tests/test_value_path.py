@@ -152,7 +152,9 @@ def test_output_fit_keeps_a_biased_full_rank_conversion_exact(tiny_source, tmp_p
     corpus = tmp_path / "c.txt"
     corpus.write_text(CORPUS * 20)
     res = mha2mla.convert(source=src, output=str(tmp_path / "q"), rank=16, rope_dim=16, progress=False, dtype="float32",
-                          calibration=str(corpus), calibration_samples=4, calibration_length=32)
+                          calibration=str(corpus), calibration_samples=4, calibration_length=32,
+                          method=Method(mlp_dtype="float32"))  # (exactness: no bfloat16 stream rounding)
+    assert res.record["calibration"]["propagation"]["mlp_dtype"] == "float32"
     assert all(layer["output_fit_rel_error"] < 1e-3 for layer in res.record["layers"])
     assert _held_out_error(src, str(tmp_path / "q")) < 1e-4
 
@@ -316,3 +318,49 @@ def test_causal_attention_with_unequal_widths_equals_the_explicit_softmax(dq, dv
     got = causal_sdpa(q, k, v, scale)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_streams_keep_a_lossy_conversion_as_good_as_float32(tiny_source, tmp_path):
+    """bfloat16 MLP forwards of the two calibration streams (the default where the CPU multiplies bfloat16 natively)
+    round at ~1e-3: far below a lossy conversion's error, which must stay what float32 streams give."""
+    from test_calibration import _held_out_error
+
+    src = tiny_source(n_kv=2, head_dim=16, seed=7, layers=3)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    kw = dict(rank=6, rope_dim=8, progress=False, calibration=str(corpus), calibration_samples=8, calibration_length=32)
+    errors = {}
+    for dt in ("float32", "bfloat16"):
+        res = mha2mla.convert(source=src, output=str(tmp_path / dt), method=Method(mlp_dtype=dt), **kw)
+        assert res.record["calibration"]["propagation"]["mlp_dtype"] == dt
+        errors[dt] = _held_out_error(src, str(tmp_path / dt))
+    assert errors["float32"] > 1e-2  # lossy
+    assert abs(errors["bfloat16"] - errors["float32"]) < 0.03 * errors["float32"], errors
+
+
+def test_method_rejects_an_unknown_mlp_dtype():
+    with pytest.raises(ValueError, match="mlp_dtype must be 'auto', 'float32' or 'bfloat16', got 'float16'"):
+        Method(mlp_dtype="float16")
+
+
+def test_keep_freed_memory_is_idempotent():
+    import platform
+
+    from mha2mla.allocator import keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() is first
+    assert first == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")  # elsewhere a no-op
+    # large allocations still work and are zeroed/filled correctly from the heap
+    t = torch.ones(64 * 2**20 // 4)
+    assert float(t.sum()) == t.numel()
+
+
+def test_method_from_spec_parses_every_field_kind_and_rejects_unknown_names():
+    m = Method.from_spec("expected_rotation=false, query_fit=3,drift_correction=0.25,mlp_dtype=float32")
+    assert (m.expected_rotation, m.query_fit, m.drift_correction, m.mlp_dtype) == (False, 3, 0.25, "float32")
+    assert Method.from_spec("") == Method()
+    with pytest.raises(ValueError, match="method switch 'qfit=3'.*query_fit"):
+        Method.from_spec("qfit=3")
+    with pytest.raises(ValueError, match="mlp_dtype must be"):
+        Method.from_spec("mlp_dtype=half")
