@@ -76,15 +76,16 @@ def main() -> None:
         setattr(owner, name, _timed(totals, label, getattr(owner, name), active))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        conversion.convert(source=os.path.join(args.assets, "models", "smollm2-135m"), output=os.path.join(tmp, "mla"),
+        res = conversion.convert(source=os.path.join(args.assets, "models", "smollm2-135m"), output=os.path.join(tmp, "mla"),
                            rank=rank, rope_dim=rope, calibration=os.path.join(args.assets, "text", "enwiki.train.txt"),
                            calibration_samples=args.calibration_samples,
                            calibration_length=args.calibration_length, method=Method.from_spec(args.method), progress=False)
         total = time.perf_counter() - t0
+    mlp_dtype = res.record["calibration"]["propagation"]["mlp_dtype"]
     rows = [(label, totals[label]) for _, _, label in PHASES]
     rows.append(("other (loading, writing)", total - sum(totals.values())))
     print(f"SmolLM2-135M {args.budget}, {args.calibration_samples} x {args.calibration_length} calibration tokens, method {args.method or 'default'}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, streams' MLPs in {mlp_dtype}")
     print("| phase | seconds |\n|---|---:|")
     for label, sec in rows:
         print(f"| {label} | {sec:.1f} |")
@@ -93,7 +94,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"budget": args.budget, "method": args.method, "calibration_samples": args.calibration_samples,
                    "calibration_length": args.calibration_length,
-                   "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                   "mlp_dtype": mlp_dtype, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                    "total_seconds": round(total, 1), "phases": {k: round(v, 1) for k, v in rows}}, f, indent=2)
         f.write("\n")
 
