@@ -189,12 +189,15 @@ class Propagation:
     calibrated on what the converted model really feeds it).
 
     Memory: one source layer plus ``N·L·hidden`` floats, on ``device`` (the statistics are returned on the CPU).
+    ``mlp_dtype``: the precision of the MLP forwards that move the streams in :meth:`advance` (the streams themselves,
+    the statistics and the fits stay float32; ``Method.mlp_dtype``).
     """
 
     def __init__(self, *, source: SourceModel, tokens: torch.Tensor, batch: int = 8, device: str | torch.device = "cpu",
                  track_source: bool = False, mlp_dtype: torch.dtype = torch.float32):
         self.source, self.batch, self.device = source, batch, torch.device(device)
         self.mlp_dtype = mlp_dtype
+        self._mlp_copy = None  # the loaded layer's MLP in mlp_dtype (see _load)
         self.config = _hf_config(source)
         rotary = _rotary(source, self.config)
         self.pos = torch.arange(tokens.shape[1], device=self.device)[None]
