@@ -59,6 +59,18 @@ def _timed(totals: collections.Counter, label: str, f, active: list):
     return g
 
 
+def matmul_gflops() -> float:
+    """This machine's float32 matmul rate right now (best of 5, 4096 × 576 × 1536, the MLP's shape): the VM's speed
+    varies by ±15 % over a day, so each timing carries it."""
+    a, w = torch.randn(4096, 576), torch.randn(1536, 576)
+    best = float("inf")
+    for _ in range(6):
+        t = time.perf_counter()
+        torch.nn.functional.linear(a, w)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096 * 576 * 1536 / best / 1e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--assets", default=os.environ.get("MHA2MLA_ASSETS", os.path.expanduser("~/.cache/mha2mla-assets")))
@@ -69,6 +81,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert-time.json"))
     args = p.parse_args()
     keep_freed_memory()  # as the CLI does
+    gflops = matmul_gflops()
     rank, rope = (int(x) for x in args.budget.split("+"))
     totals: collections.Counter = collections.Counter()
     active: list = []
@@ -85,7 +98,7 @@ def main() -> None:
     rows = [(label, totals[label]) for _, _, label in PHASES]
     rows.append(("other (loading, writing)", total - sum(totals.values())))
     print(f"SmolLM2-135M {args.budget}, {args.calibration_samples} x {args.calibration_length} calibration tokens, method {args.method or 'default'}, "
-          f"{torch.get_num_threads()} threads, streams' MLPs in {mlp_dtype}")
+          f"{torch.get_num_threads()} threads, streams' MLPs in {mlp_dtype}, float32 matmul {gflops:.0f} GFLOP/s")
     print("| phase | seconds |\n|---|---:|")
     for label, sec in rows:
         print(f"| {label} | {sec:.1f} |")
@@ -94,7 +107,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"budget": args.budget, "method": args.method, "calibration_samples": args.calibration_samples,
                    "calibration_length": args.calibration_length,
-                   "mlp_dtype": mlp_dtype, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                   "mlp_dtype": mlp_dtype, "matmul_gflops": round(gflops, 1), "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                    "total_seconds": round(total, 1), "phases": {k: round(v, 1) for k, v in rows}}, f, indent=2)
         f.write("\n")
 
