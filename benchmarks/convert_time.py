@@ -89,10 +89,11 @@ def main() -> None:
         setattr(owner, name, _timed(totals, label, getattr(owner, name), active))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = conversion.convert(source=os.path.join(args.assets, "models", "smollm2-135m"), output=os.path.join(tmp, "mla"),
-                           rank=rank, rope_dim=rope, calibration=os.path.join(args.assets, "text", "enwiki.train.txt"),
-                           calibration_samples=args.calibration_samples,
-                           calibration_length=args.calibration_length, method=Method.from_spec(args.method), progress=False)
+        res = conversion.convert(
+            source=os.path.join(args.assets, "models", "smollm2-135m"), output=os.path.join(tmp, "mla"), rank=rank,
+            rope_dim=rope, calibration=os.path.join(args.assets, "text", "enwiki.train.txt"),
+            calibration_samples=args.calibration_samples, calibration_length=args.calibration_length,
+            method=Method.from_spec(args.method), progress=False)
         total = time.perf_counter() - t0
     mlp_dtype = res.record["calibration"]["propagation"]["mlp_dtype"]
     rows = [(label, totals[label]) for _, _, label in PHASES]
@@ -107,7 +108,8 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"budget": args.budget, "method": args.method, "calibration_samples": args.calibration_samples,
                    "calibration_length": args.calibration_length,
-                   "mlp_dtype": mlp_dtype, "matmul_gflops": round(gflops, 1), "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                   "mlp_dtype": mlp_dtype, "matmul_gflops": round(gflops, 1),
+                   "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                    "total_seconds": round(total, 1), "phases": {k: round(v, 1) for k, v in rows}}, f, indent=2)
         f.write("\n")
 

@@ -214,7 +214,8 @@ class Propagation:
         if self._layer is None or self._layer[0] != i:
             layer = _decoder_layer(self.source, self.config, i, torch.float32).to(self.device)
             # the MLP the streams move through (a copy in ``mlp_dtype``; the layer's own stays float32)
-            self._mlp_copy = layer.mlp if self.mlp_dtype == torch.float32 else copy.deepcopy(layer.mlp).to(self.mlp_dtype)
+            low = self.mlp_dtype != torch.float32
+            self._mlp_copy = copy.deepcopy(layer.mlp).to(self.mlp_dtype) if low else layer.mlp
             self._layer = (i, layer)
         return self._layer[1]
 

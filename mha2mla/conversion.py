@@ -410,7 +410,8 @@ def convert(
         mlp_dtype = _mlp_dtype(method, device)
         prop = Propagation(source=src, tokens=tokens, device=device, track_source=_tracks_source(method, plan),
                            mlp_dtype=mlp_dtype)
-        calib_info["propagation"] = {"tracks_source": prop.tracks_source, "mlp_dtype": str(mlp_dtype).removeprefix("torch.")}
+        calib_info["propagation"] = {"tracks_source": prop.tracks_source,
+                                     "mlp_dtype": str(mlp_dtype).removeprefix("torch.")}
     shard_bytes = parse_size(max_shard_size)
     compute = _compute_dtype(plan.hidden)
     out_dt = plan.torch_dtype

@@ -95,7 +95,8 @@ def test_calibrated_mqa_full_rank_stays_exact(tiny_source, tmp_path, corpus):
     # float32 streams: bfloat16 MLP rounding (the default on CPUs that multiply it natively) is ~1e-3 of an exact
     # conversion's output
     mha2mla.convert(source=src, output=str(tmp_path / "cal"), rank=16, rope_dim=16, progress=False, dtype="float32",
-                    calibration=corpus, calibration_samples=4, calibration_length=32, method=Method(mlp_dtype="float32"))
+                    calibration=corpus, calibration_samples=4, calibration_length=32,
+                    method=Method(mlp_dtype="float32"))
     assert _held_out_error(src, str(tmp_path / "cal")) < 1e-5
 
 
