@@ -27,7 +27,6 @@ import torch  # noqa: E402
 
 import mha2mla.calibration as calibration  # noqa: E402
 import mha2mla.conversion as conversion  # noqa: E402
-from mha2mla.allocator import keep_freed_memory  # noqa: E402
 from mha2mla.attention import Method  # noqa: E402
 
 PHASES = [  # (module, attribute, label)
@@ -80,7 +79,6 @@ def main() -> None:
     p.add_argument("--calibration-length", type=int, default=512)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert-time.json"))
     args = p.parse_args()
-    keep_freed_memory()  # as the CLI does
     gflops = matmul_gflops()
     rank, rope = (int(x) for x in args.budget.split("+"))
     totals: collections.Counter = collections.Counter()

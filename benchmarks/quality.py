@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     import mha2mla
     from mha2mla.evaluate import evaluate
 
-    from mha2mla.allocator import keep_freed_memory
     from mha2mla.attention import Method
-
-    keep_freed_memory()  # as the CLI does
 
     TASKS = tuple(t for t in args.tasks.split(",") if t)
     method = Method.from_spec(args.method)

@@ -34,9 +34,6 @@ def user_errors(fn):
 @click.version_option(package_name="mha2mla")
 def main() -> None:
     """Convert MHA/GQA checkpoints into native DeepSeek-V3 MLA checkpoints, heal and evaluate them."""
-    from mha2mla.allocator import keep_freed_memory
-
-    keep_freed_memory()  # the calibration loops reuse large activations (see mha2mla.allocator)
 
 
 # --- subcommands are registered below, one import each -------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mha2mla.allocator import keep_freed_memory
 from mha2mla.attention import AttentionWeights, LayerStats, Method, choose_rope_stride, convert_attention, rope_frequency_scores
 from mha2mla.calibration import LayerCalibration, Propagation, calibrate, calibration_tokens, native_bfloat16
 from mha2mla.errors import Mha2mlaError
@@ -358,7 +359,8 @@ def convert(
         max_shard_size: largest output shard, e.g. ``"500MB"`` (one shard is buffered, and copied once while it is written).
         report: also write ``mha2mla-report.png`` (error per layer, energy vs rank) next to the weights.
         device: where calibration runs (the layer forwards, statistics and output fit): ``cpu``, ``cuda``, ``cuda:1``…
-            The factorisation itself runs on the CPU in float64/float32.
+            The factorisation itself runs on the CPU in float64/float32. A calibrated conversion also asks glibc's
+            ``malloc`` to keep freed memory for reuse, for the rest of the process (:mod:`mha2mla.allocator`).
         progress: show a progress bar per layer.
 
     Returns:
@@ -387,6 +389,7 @@ def convert(
     method = method or Method()
     calib_info, prop = None, None
     if calibration is not None:
+        keep_freed_memory()  # the calibration loops reuse large activations (mha2mla.allocator; process-wide)
         length = calibration_length
         max_pos = src.config.get("max_position_embeddings")
         if isinstance(max_pos, int) and 16 <= max_pos < length:
