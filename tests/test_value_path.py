@@ -303,6 +303,32 @@ def test_cli_keep_mlp_switches_the_mlp_refit_off(tiny_source, tmp_path):
     assert changes[True] == [None, None] and all(c > 0 for c in changes[False])
 
 
+def test_cli_mlp_dtype_reaches_the_record(tiny_source, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mha2mla.calibration import native_bfloat16
+    from mha2mla.cli import main
+
+    src = tiny_source(n_kv=2, head_dim=16, seed=7, layers=1)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    expected = {"float32": "float32", "bfloat16": "bfloat16",
+                "auto": "bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"}
+    for choice, want in expected.items():
+        out = tmp_path / choice
+        res = CliRunner().invoke(main, ["convert", src, "-o", str(out), "--rank", "6", "--rope-dim", "8", "-q",
+                                        "--calibration", str(corpus), "--calibration-samples", "4",
+                                        "--calibration-length", "32", "--mlp-dtype", choice])
+        assert res.exit_code == 0, res.output
+        record = json.loads((out / "mha2mla.json").read_text())
+        assert record["calibration"]["propagation"]["mlp_dtype"] == want
+        assert record["calibration"]["method"]["mlp_dtype"] == choice
+    res = CliRunner().invoke(main, ["convert", src, "-o", str(tmp_path / "x"), "--rank", "6", "--mlp-dtype", "fp8"])
+    assert res.exit_code == 2 and "fp8" in res.output
+
+
 @pytest.mark.parametrize("dq,dv", [(24, 40), (24, 8), (16, 16)])
 def test_causal_attention_with_unequal_widths_equals_the_explicit_softmax(dq, dv):
     """The zero-padded fused attention (query/key and value widths differ, as in MLA) equals softmax(qkᵀ)v computed
