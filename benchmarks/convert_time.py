@@ -59,7 +59,7 @@ def _timed(totals: collections.Counter, label: str, f, active: list):
 
 
 def matmul_gflops() -> float:
-    """This machine's float32 matmul rate right now (best of 5, 4096 × 576 × 1536, the MLP's shape): the VM's speed
+    """This machine's float32 matmul rate right now (best of 6 calls, 4096 × 576 × 1536, the MLP's shape): the VM's speed
     varies by ±15 % over a day, so each timing carries it."""
     a, w = torch.randn(4096, 576), torch.randn(1536, 576)
     best = float("inf")

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from mha2mla.attention import Method
 
     TASKS = tuple(t for t in args.tasks.split(",") if t)
-    method = Method.from_spec(args.method)
+    method, default_method = Method.from_spec(args.method), Method()
     budgets = parse_budgets(args.budgets)
     assets = Path(args.assets)
     source = args.source or str(assets / "models" / "smollm2-135m")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**{k: v for k, v in eval_kw.items() if k != "tasks"}, "tasks": list(TASKS), "source": source,
                      "budgets": [f"{r}+{d}" for r, d in budgets], "calibration": args.calibration,
                      "calibration_samples": args.calibration_samples, "calibration_length": args.calibration_length,
-                     "method": {k: v for k, v in vars(method).items() if v != getattr(Method(), k)}},
+                     "method": {k: v for k, v in vars(method).items() if v != getattr(default_method, k)}},
         "table": rows, "source_eval": base, "budgets": records,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

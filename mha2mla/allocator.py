@@ -24,8 +24,9 @@ _applied: bool | None = None
 def keep_freed_memory() -> bool:
     """Make glibc's ``malloc`` keep freed memory for reuse (no ``mmap`` per large block, no trimming of the heap).
 
-    The process's resident memory then stays at its peak instead of shrinking after a step; the peak itself does not
-    change. Idempotent; does nothing (and returns False) outside Linux/glibc.
+    The process's resident memory then stays at its peak instead of shrinking after a step, and the peak can grow
+    where the heap fragments (see the module docstring). Idempotent; does nothing (and returns False) outside
+    Linux/glibc.
 
     Returns:
         whether the settings are in effect.
