@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from mha2mla.data import load_texts, pack_tokens, token_blocks
 from mha2mla.errors import Mha2mlaError
-from mha2mla.mlp_fit import DownProjectionFit
+from mha2mla.mlp_fit import GRAM_BLOCKS, DownProjectionFit
+from mha2mla.moments import add_lower_gram, causal_context_moment, symmetric_from_lower
 from mha2mla.source import SourceModel
 
 __all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens", "native_bfloat16"]
@@ -128,7 +129,7 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                      outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """For one batch ``x [B, L, hidden]``: attention mass per head at each distance Δ = m − n; per KV group the summed
     second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n`` (as ``Xᵀ(Σ_h P_hᵀP_h)X``, on the first
-    ``ctx_rows`` sequences); the second moment of ``[x;1]`` with each key weighted by the attention it receives; and,
+    ``ctx_rows`` sequences); the attention each key receives (``[B·L, 1]``, summed over heads and queries); and,
     with ``outputs``, each head's attention output ``[B, H, L, hd]`` (before ``o_proj``)."""
     attn = layer.self_attn
     b, l, _ = x.shape
@@ -150,17 +151,13 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     hist.scatter_add_(1, idx.reshape(1, -1).expand(n_heads, -1), flat)
     ctx = None
     if contexts:
-        pc = p[:ctx_rows]
-        pp = (pc.transpose(-1, -2) @ pc).view(ctx_rows, n_kv, n_heads // n_kv, l, l).sum(2)  # [b, n_kv, L, L]
-        ctx = torch.einsum("bni,bgnm,bmj->gij", x[:ctx_rows], pp, x[:ctx_rows]).double()
+        ctx = causal_context_moment(p[:ctx_rows], x[:ctx_rows], n_kv).double()  # Σ_{h∈g} Xᵀ P_hᵀ P_h X
     received = p.sum(dim=(1, 2)).reshape(-1, 1)  # [B·L, 1]: attention each key gets, over heads and queries
-    xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(b * l, -1)
-    key = (xa.T @ (xa * received)).double()
     heads = None
     if outputs:
         v = attn.v_proj(x).view(b, l, n_kv, hd).transpose(1, 2).repeat_interleave(n_heads // n_kv, dim=1)
         heads = p @ v  # [B, H, L, hd]
-    return hist, ctx, key, heads
+    return hist, ctx, received, heads
 
 
 @torch.no_grad()
@@ -262,22 +259,24 @@ class Propagation:
         key = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64, device=dev)
         sample, kept, n_ctx, outs = [], 0, 0, []
         ctx_limit = n if context_sequences is None else min(n, context_sequences)
+        edges = [(hidden + 1) * j // GRAM_BLOCKS for j in range(GRAM_BLOCKS + 1)]  # (symmetric moments: lower blocks)
         for x in self.inputs(i):
             xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(-1, hidden + 1)
-            sigma += (xa.T @ xa).double()  # float32 within a batch, float64 across batches
+            add_lower_gram(sigma, xa, edges)  # float32 within a batch, float64 across batches
             rows = min(x.shape[0], ctx_limit - n_ctx) if value_contexts else 0
             n_ctx += rows
-            dh, dc, dk, ho = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, rows > 0,
+            dh, dc, received, ho = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, rows > 0,
                                               ctx_rows=rows, outputs=head_outputs)
             if ho is not None:
                 outs.append(ho)
             hist += dh
-            key += dk
+            add_lower_gram(key, xa * received.sqrt(), edges)  # Σ received·[x;1][x;1]ᵀ
             if dc is not None:
                 ctx += dc
             if kept < sample_sequences:
                 sample.append(x[: sample_sequences - kept].cpu())
                 kept += sample[-1].shape[0]
+        sigma, key = symmetric_from_lower(sigma), symmetric_from_lower(key)
         sigma, hist, ctx, key = (t.cpu() for t in (sigma, hist, ctx, key))
         sigma /= n * l
         if not math.isfinite(float(sigma.diagonal().sum())):

@@ -21,3 +21,28 @@ def symmetric_from_lower(acc: torch.Tensor) -> torch.Tensor:
     """The full symmetric matrix from the lower triangle that :func:`add_lower_gram` keeps up to date."""
     g = acc.tril()
     return g + g.tril(-1).T
+
+
+def causal_context_moment(p: torch.Tensor, x: torch.Tensor, n_groups: int, blocks: int = 4) -> torch.Tensor:
+    """``[n_groups, d, d]``: ``Σ_b Σ_{h∈g} (P_bh X_b)ᵀ(P_bh X_b) = Σ_b X_bᵀ (Σ_{h∈g} P_bhᵀ P_bh) X_b`` (float32).
+
+    ``p [B, H, L, L]``: causal attention weights (zero above the diagonal), heads grouped in ``n_groups`` consecutive
+    groups; ``x [B, L, d]``. The causal zeros are skipped block by block (``blocks`` key blocks): ``PᵀP`` is symmetric and
+    its block ``(i, j)`` only sums over the queries from block ``max(i, j)`` on, so the lower blocks cost 5/16 of the
+    dense product at 4 blocks, and ``XᵀSX`` is formed from its lower half (``T`` with ``S = T + Tᵀ``) in 5/8.
+    """
+    b, h, l, _ = p.shape
+    g, d = h // n_groups, x.shape[-1]
+    edges = sorted({l * j // blocks for j in range(blocks + 1)})
+    spans = list(zip(edges[:-1], edges[1:]))
+    tx = torch.zeros(b, n_groups, l, d, dtype=x.dtype, device=x.device)  # T X, T = lower blocks (diagonal ones halved)
+    for i, (i0, i1) in enumerate(spans):
+        rows = p[..., i0:, :]  # queries from block i on: the only ones that see keys of block i
+        left = rows[..., i0:i1].transpose(-1, -2)
+        for j, (j0, j1) in enumerate(spans[: i + 1]):
+            blk = (left @ rows[..., j0:j1]).view(b, n_groups, g, i1 - i0, j1 - j0).sum(2)  # (PᵀP)_ij per group
+            if i == j:
+                blk = blk * 0.5
+            tx[..., i0:i1, :] += blk @ x[:, None, j0:j1, :]
+    m = torch.einsum("bli,bglj->gij", x, tx)
+    return m + m.transpose(-1, -2)

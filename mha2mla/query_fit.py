@@ -51,6 +51,38 @@ def _query_features(tensors: dict, x: torch.Tensor) -> torch.Tensor:
     return _rms(qa, tensors["q_a_layernorm.weight"])
 
 
+# Query rows per block of the fused causal log-sum-exp: block j only reads the keys up to its last row (5/8 of the
+# score matrix at 4 blocks), and a block's scores stay small enough to be re-read from cache.
+LSE_BLOCKS = 4
+
+
+class _CausalLogSumExp(torch.autograd.Function):
+    """``lse[..., m] = log Σ_{n≤m} exp(q_m·k_n)`` for ``q, k [B, H, L, d]``, with its gradient in ``q`` only
+    (``∂lse_m/∂q_m = Σ_n softmax_mn k_n``, kept from the forward: the backward reads no score matrix again)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        l = q.shape[-2]
+        lse = q.new_empty(q.shape[:-1])
+        pk = torch.empty_like(q)
+        edges = sorted({l * j // LSE_BLOCKS for j in range(LSE_BLOCKS + 1)})
+        for r0, r1 in zip(edges[:-1], edges[1:]):
+            s = q[..., r0:r1, :] @ k[..., :r1, :].transpose(-1, -2)  # [B, H, r1−r0, r1]
+            s[..., :, r0:].masked_fill_(~_causal_mask(r1 - r0, q.device), float("-inf"))
+            mx = s.amax(-1, keepdim=True)
+            s.sub_(mx).exp_()
+            total = s.sum(-1, keepdim=True)
+            pk[..., r0:r1, :] = (s @ k[..., :r1, :]) / total
+            lse[..., r0:r1] = (mx + total.log()).squeeze(-1)
+        ctx.save_for_backward(pk)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (pk,) = ctx.saved_tensors
+        return grad[..., None] * pk, None
+
+
 def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                 angles: torch.Tensor, iterations: int = 15) -> tuple[dict, dict]:
     """Fit the converted layer's query weight to the source attention distributions.
@@ -80,7 +112,6 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
             p = lp.exp()
             # Σ_n p_n log q_n = scale·q·(Σ_n p_n k_n) − logsumexp(s): the target-weighted keys are fixed
             batches.append((_query_features(tensors, x), kk, p @ kk, (p * lp.clamp_min(-1e30)).sum(-1)))
-    mask = _causal_mask(inputs[0].shape[1], inputs[0].device)
     count = sum(int(pk.shape[0]) * n_h * int(pk.shape[2]) for _, _, pk, _ in batches)
 
     def loss_of(w: torch.Tensor) -> torch.Tensor:
@@ -89,8 +120,7 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
             b, l, _ = z.shape
             q = (z @ w.T).view(b, l, n_h, hd + d).transpose(1, 2)
             q = torch.cat((q[..., :hd], _rotate_interleaved(q[..., hd:], angles)), dim=-1) * scale
-            lse = (q @ kk.transpose(-1, -2)).masked_fill(~mask, float("-inf")).logsumexp(-1)
-            cross = (q * pk).sum(-1) - lse  # Σ_n p_n log softmax(s)_n
+            cross = (q * pk).sum(-1) - _CausalLogSumExp.apply(q, kk)  # Σ_n p_n log softmax(s)_n
             total = total + (neg_ent - cross).sum()
         return total / count
 

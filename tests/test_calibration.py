@@ -200,3 +200,18 @@ def test_calibration_longer_than_the_source_context_is_shortened_and_recorded(ti
     info = json.loads((tmp_path / "out" / "mha2mla.json").read_text())["calibration"]
     assert (info["length"], info["length_requested"], info["tokens"]) == (256, 300, 2 * 256)
     assert res.record["calibration"]["length"] == 256
+
+
+@pytest.mark.parametrize("length,blocks", [(37, 4), (32, 4), (9, 2), (5, 8)])
+def test_causal_context_moment_equals_the_dense_product(length, blocks):
+    from mha2mla.moments import causal_context_moment
+
+    g = torch.Generator().manual_seed(length)
+    b, heads, groups, d = 3, 6, 2, 11
+    scores = torch.randn(b, heads, length, length, generator=g, dtype=torch.float64)
+    p = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    x = torch.randn(b, length, d, generator=g, dtype=torch.float64)
+    pp = (p.transpose(-1, -2) @ p).view(b, groups, heads // groups, length, length).sum(2)
+    want = torch.einsum("bni,bgnm,bmj->gij", x, pp, x)
+    got = causal_context_moment(p, x, groups, blocks=blocks)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -114,3 +114,20 @@ def test_the_fitted_loss_is_the_mean_attention_kl(tiny_source, tmp_path, bias):
         total, count = total + float(kl.sum()), count + kl.numel()
     assert total / count > 1e-3
     assert _kl(plan, tensors, xs, targets, angles) == pytest.approx(total / count, rel=1e-4)
+
+
+@pytest.mark.parametrize("length", [1, 7, 30])
+def test_fused_causal_logsumexp_matches_autograd_of_the_dense_scores(length):
+    from mha2mla.query_fit import _CausalLogSumExp
+
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(2, 3, length, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, length, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 3, length, generator=g, dtype=torch.float64)
+    mask = torch.ones(length, length, dtype=torch.bool).tril()
+    dense = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")).logsumexp(-1)
+    (want,) = torch.autograd.grad((dense * w).sum(), q)
+    fused = _CausalLogSumExp.apply(q, k)
+    (got,) = torch.autograd.grad((fused * w).sum(), q)
+    assert torch.allclose(fused, dense, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
