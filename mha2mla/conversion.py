@@ -34,6 +34,9 @@ __all__ = ["convert", "ConversionResult"]
 FLOAT64_MAX_HIDDEN = 2048
 # Sequences of the calibration set on which the global choices (RoPE schedule, kv-budget split) are made.
 PLAN_SEQUENCES = 4  # (4 × the default 512 tokens)
+# The RoPE schedule alone (no --kv-budget) is decided on fewer: it is a choice among a few strides, and SmolLM2's
+# winner holds 96 % of the score against 50 % for the next (the pre-pass is ~3 % of a calibrated conversion).
+STRIDE_SEQUENCES = 2
 
 
 def _compute_dtype(hidden: int) -> torch.dtype:
@@ -402,7 +405,8 @@ def convert(
         choose_stride = rope_stride is None and src.rope["rope_type"] == "default"
         if budget_info is not None or choose_stride:
             # the schedule and split are global choices: decide them on a quick pass over a few sequences
-            pre = calibrate(source=src, tokens=tokens[:PLAN_SEQUENCES], value_contexts=False, device=device,
+            pre_n = PLAN_SEQUENCES if budget_info is not None else STRIDE_SEQUENCES
+            pre = calibrate(source=src, tokens=tokens[:pre_n], value_contexts=False, device=device,
                             progress=progress, desc="choosing the RoPE schedule")
             if budget_info is not None:
                 plan, calib_info["kv_budget"] = _choose_split(src, pre, method, kv_budget, budget_info, rope_stride, dtype)
