@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from mha2mla.data import load_texts, pack_tokens, token_blocks
 from mha2mla.errors import Mha2mlaError
 from mha2mla.mlp_fit import GRAM_BLOCKS, DownProjectionFit
-from mha2mla.moments import add_lower_gram, causal_context_moment, symmetric_from_lower
+from mha2mla.moments import add_lower_gram, block_edges, context_moment_from_columns, symmetric_from_lower
 from mha2mla.source import SourceModel
 
 __all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens", "native_bfloat16"]
@@ -25,6 +25,8 @@ __all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens",
 # The MLP refit keeps the calibration tokens' MLP activations between its two passes when they take at most this many
 # floats (N·L·intermediate; 38M for SmolLM2); above it they are computed again.
 MLP_ACTIVATION_CACHE_MAX_FLOATS = 256 * 2**20
+# The statistics' attention runs in this many blocks of queries (causal: each reads the keys up to its last query).
+STATS_QUERY_BLOCKS = 4
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -142,21 +144,32 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         return t * cos + torch.cat((-t2, t1), dim=-1) * sin
 
     q, k = rot(q) * hd**-0.5, rot(k).repeat_interleave(n_heads // n_kv, dim=1)  # (scaling q, not the L×L scores)
+    v = attn.v_proj(x).view(b, l, n_kv, hd).transpose(1, 2).repeat_interleave(n_heads // n_kv, dim=1) if outputs else None
     dev = x.device
-    mask = torch.ones(l, l, dtype=torch.bool, device=dev).tril()
-    p = (q @ k.transpose(-1, -2)).masked_fill_(~mask, float("-inf")).softmax(-1)  # [B, H, L, L], 0 above the diagonal
-    idx = (torch.arange(l, device=dev)[:, None] - torch.arange(l, device=dev)[None, :]).clamp_min(0)  # Δ per (m, n)
     hist = torch.zeros(n_heads, l, dtype=torch.float64, device=dev)
-    flat = p.sum(0).reshape(n_heads, -1).double()
-    hist.scatter_add_(1, idx.reshape(1, -1).expand(n_heads, -1), flat)
+    received = torch.zeros(b, l, device=dev)
+    heads = torch.empty(b, n_heads, l, hd, device=dev) if outputs else None
+    # the probabilities a block of queries at a time, over the keys up to its last query only (5/8 of the score matrix
+    # at 4 blocks); rows[r] = P[..., block r, :e_{r+1}]
+    edges = block_edges(l, STATS_QUERY_BLOCKS)
+    rows = []
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        s = q[..., r0:r1, :] @ k[..., :r1, :].transpose(-1, -2)
+        s[..., r0:].masked_fill_(~torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=dev).tril(), float("-inf"))
+        pr = s.softmax(-1)
+        delta = (torch.arange(r0, r1, device=dev)[:, None] - torch.arange(r1, device=dev)[None, :]).clamp_min(0)
+        hist.scatter_add_(1, delta.reshape(1, -1).expand(n_heads, -1), pr.sum(0).reshape(n_heads, -1).double())
+        received[:, :r1] += pr.sum(dim=(1, 2))
+        if outputs:
+            heads[..., r0:r1, :] = pr @ v[..., :r1, :]
+        if contexts:
+            rows.append(pr[:ctx_rows])
     ctx = None
-    if contexts:
-        ctx = causal_context_moment(p[:ctx_rows], x[:ctx_rows], n_kv).double()  # Σ_{h∈g} Xᵀ P_hᵀ P_h X
-    received = p.sum(dim=(1, 2)).reshape(-1, 1)  # [B·L, 1]: attention each key gets, over heads and queries
-    heads = None
-    if outputs:
-        v = attn.v_proj(x).view(b, l, n_kv, hd).transpose(1, 2).repeat_interleave(n_heads // n_kv, dim=1)
-        heads = p @ v  # [B, H, L, hd]
+    if contexts:  # Σ_{h∈g} Xᵀ P_hᵀ P_h X, from each key block's column of the blocks of queries that see it
+        columns = [torch.cat([rows[r][..., i0:i1] for r in range(i, len(rows))], dim=-2)
+                   for i, (i0, i1) in enumerate(zip(edges[:-1], edges[1:]))]
+        ctx = context_moment_from_columns(columns, edges, x[:ctx_rows], n_kv).double()
+    received = received.reshape(-1, 1)  # [B·L, 1]: attention each key gets, over heads and queries
     return hist, ctx, received, heads
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["add_lower_gram", "symmetric_from_lower"]
+__all__ = ["add_lower_gram", "block_edges", "causal_context_moment", "context_moment_from_columns", "symmetric_from_lower"]
 
 
 def add_lower_gram(acc: torch.Tensor, x: torch.Tensor, edges: list[int]) -> None:
@@ -23,24 +23,40 @@ def symmetric_from_lower(acc: torch.Tensor) -> torch.Tensor:
     return g + g.tril(-1).T
 
 
+def block_edges(length: int, blocks: int) -> list[int]:
+    """``0 = e_0 < … < e_k = length``: ``blocks`` near-equal spans (fewer when ``length < blocks``)."""
+    return sorted({length * j // blocks for j in range(blocks + 1)})
+
+
 def causal_context_moment(p: torch.Tensor, x: torch.Tensor, n_groups: int, blocks: int = 4) -> torch.Tensor:
     """``[n_groups, d, d]``: ``Σ_b Σ_{h∈g} (P_bh X_b)ᵀ(P_bh X_b) = Σ_b X_bᵀ (Σ_{h∈g} P_bhᵀ P_bh) X_b`` (float32).
 
     ``p [B, H, L, L]``: causal attention weights (zero above the diagonal), heads grouped in ``n_groups`` consecutive
-    groups; ``x [B, L, d]``. The causal zeros are skipped block by block (``blocks`` key blocks): ``PᵀP`` is symmetric and
-    its block ``(i, j)`` only sums over the queries from block ``max(i, j)`` on, so the lower blocks cost 5/16 of the
-    dense product at 4 blocks, and ``XᵀSX`` is formed from its lower half (``T`` with ``S = T + Tᵀ``) in 5/8.
+    groups; ``x [B, L, d]``. See :func:`context_moment_from_columns` (``blocks`` key blocks).
     """
-    b, h, l, _ = p.shape
-    g, d = h // n_groups, x.shape[-1]
-    edges = sorted({l * j // blocks for j in range(blocks + 1)})
+    edges = block_edges(p.shape[-1], blocks)
+    columns = [p[..., i0:, i0:i1] for i0, i1 in zip(edges[:-1], edges[1:])]
+    return context_moment_from_columns(columns, edges, x, n_groups)
+
+
+def context_moment_from_columns(columns: list[torch.Tensor], edges: list[int], x: torch.Tensor,
+                                n_groups: int) -> torch.Tensor:
+    """:func:`causal_context_moment` from the causal part of each key block: ``columns[i] = P[..., e_i:, e_i:e_{i+1}]``
+    (``[B, H, L − e_i, e_{i+1} − e_i]``, the queries from block ``i`` on: the only ones that see its keys).
+
+    ``PᵀP`` is symmetric and its block ``(i, j)`` only sums over the queries from block ``max(i, j)`` on, so its lower
+    blocks cost 5/16 of the dense product at 4 blocks, and ``XᵀSX`` is formed from its lower half (``T`` with
+    ``S = T + Tᵀ``) in 5/8.
+    """
+    b, h = columns[0].shape[:2]
+    l, g, d = edges[-1], h // n_groups, x.shape[-1]
     spans = list(zip(edges[:-1], edges[1:]))
     tx = torch.zeros(b, n_groups, l, d, dtype=x.dtype, device=x.device)  # T X, T = lower blocks (diagonal ones halved)
     for i, (i0, i1) in enumerate(spans):
-        rows = p[..., i0:, :]  # queries from block i on: the only ones that see keys of block i
-        left = rows[..., i0:i1].transpose(-1, -2)
+        left = columns[i].transpose(-1, -2)
         for j, (j0, j1) in enumerate(spans[: i + 1]):
-            blk = (left @ rows[..., j0:j1]).view(b, n_groups, g, i1 - i0, j1 - j0).sum(2)  # (PᵀP)_ij per group
+            right = columns[j][..., i0 - j0 :, :]  # queries from block i on
+            blk = (left @ right).view(b, n_groups, g, i1 - i0, j1 - j0).sum(2)  # (PᵀP)_ij per group
             if i == j:
                 blk = blk * 0.5
             tx[..., i0:i1, :] += blk @ x[:, None, j0:j1, :]

@@ -215,3 +215,31 @@ def test_causal_context_moment_equals_the_dense_product(length, blocks):
     want = torch.einsum("bni,bgnm,bmj->gij", x, pp, x)
     got = causal_context_moment(p, x, groups, blocks=blocks)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("length", [37, 3])
+def test_blockwise_attention_statistics_match_the_dense_eager_attention(tiny_source, corpus, length):
+    from mha2mla.calibration import Propagation, _attention_stats
+
+    src = load_source(tiny_source(n_kv=2, layers=1))
+    tokens = calibration_tokens(source=src, data=corpus, samples=3, length=max(length, 16))[:, :length]
+    prop = Propagation(source=src, tokens=tokens, batch=3)
+    layer = prop._load(0)
+    x = next(prop.inputs(0))
+    # transformers' own eager attention, with its probabilities
+    layer.self_attn.config._attn_implementation = "eager"
+    causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        out, p = layer.self_attn(hidden_states=x, position_embeddings=(prop.cos, prop.sin), attention_mask=causal)
+    nh, nkv, hd = src.n_heads, src.n_kv, src.head_dim
+    hist, ctx, received, heads = _attention_stats(layer, x, prop.cos[:, None], prop.sin[:, None], nh, nkv, hd,
+                                                  True, ctx_rows=2, outputs=True)
+    p = p.double()
+    delta = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+    want_hist = torch.stack([torch.stack([p[:, h][:, delta == d].sum() for d in range(length)]) for h in range(nh)])
+    assert torch.allclose(hist, want_hist, atol=1e-5)
+    assert torch.allclose(received.double(), p.sum(dim=(1, 2)).reshape(-1, 1), atol=1e-5)
+    assert torch.allclose(heads.transpose(1, 2).flatten(2) @ layer.self_attn.o_proj.weight.T, out, atol=1e-5)
+    pp = (p[:2].transpose(-1, -2) @ p[:2]).view(2, nkv, nh // nkv, length, length).sum(2)
+    want_ctx = torch.einsum("bni,bgnm,bmj->gij", x[:2].double(), pp, x[:2].double())
+    assert torch.allclose(ctx, want_ctx, rtol=1e-5, atol=1e-5 * float(want_ctx.abs().max()))
