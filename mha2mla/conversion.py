@@ -223,11 +223,11 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
             new = with_head_values(tensors=tensors, plan=plan, up_v=up_v, head_bias=head_bias, o_bias=attn.o_bias)
         # measured on the written tensors (values are linear in the latent: the contexts give the layer's output)
         n32 = {k: v.to(dev, torch.float32) for k, v in new.items()}
-        got = mla_output_from_contexts(tensors=n32, plan=plan, contexts=first[0]) / plan.residual_scale
-        rel = relative_output_error(first[1], got)
         outputs = None
         if keep:
             outputs = [mla_output_from_contexts(tensors=n32, plan=plan, contexts=c) / plan.residual_scale for c in kept]
+        got = outputs[0] if keep else mla_output_from_contexts(tensors=n32, plan=plan, contexts=first[0]) / plan.residual_scale
+        rel = relative_output_error(first[1], got)
     return new, rel, outputs, src_outputs
 
 

@@ -127,8 +127,31 @@ def mla_head_contexts(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, a
     The value path is linear in it: head ``h`` outputs ``W_upV,h c̄_h``, and the layer ``Σ_h W_o,h W_upV,h c̄_h``.
     """
     qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
-    cc = c[:, None].expand(-1, plan.n_heads, -1, -1)
-    return causal_sdpa(qq, kk, cc, (plan.head_dim + plan.rope_dim) ** -0.5)
+    scale = (plan.head_dim + plan.rope_dim) ** -0.5
+    if x.device.type != "cpu":
+        return causal_sdpa(qq, kk, c[:, None].expand(-1, plan.n_heads, -1, -1), scale)
+    return _shared_value_attention(qq, kk, c, scale)
+
+
+# Blocks of queries for the latent contexts on the CPU (each block reads the keys up to its last query).
+CONTEXT_QUERY_BLOCKS = 8
+
+
+def _shared_value_attention(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention ``[B, heads, L, R]`` of ``q, k [B, heads, L, d]`` over values ``c [B, L, R]`` shared by all
+    heads (the latent), on the CPU: a block of queries at a time, over the keys it can see (9/16 of the score matrix at
+    8 blocks), every head's probabilities times the one latent in a single product. SmolLM2 (8 × 9 heads × 512, d 96,
+    R 160, 2 cores): 87–93 ms against 125 ms for the padded fused kernel of :func:`causal_sdpa`."""
+    b, h, l, _ = q.shape
+    r = c.shape[-1]
+    out = torch.empty(b, h, l, r, dtype=q.dtype, device=q.device)
+    edges = sorted({l * j // CONTEXT_QUERY_BLOCKS for j in range(CONTEXT_QUERY_BLOCKS + 1)})
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        s = (q[..., r0:r1, :] * scale) @ k[..., :r1, :].transpose(-1, -2)
+        s[..., r0:].masked_fill_(~torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        p = s.softmax(-1).reshape(b, h * (r1 - r0), r1)
+        out[..., r0:r1, :] = (p @ c[:, :r1]).view(b, h, r1 - r0, r)
+    return out
 
 
 def mla_output_from_contexts(*, tensors: dict, plan: ConversionPlan, contexts: torch.Tensor) -> torch.Tensor:
