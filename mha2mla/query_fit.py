@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from mha2mla.moments import block_edges
 from mha2mla.plan import ConversionPlan
 from mha2mla.reference import _mla_scores_inputs, _rms, _rotate_interleaved, source_qkv
 
@@ -65,7 +66,7 @@ class _CausalLogSumExp(torch.autograd.Function):
         l = q.shape[-2]
         lse = q.new_empty(q.shape[:-1])
         pk = torch.empty_like(q)
-        edges = sorted({l * j // LSE_BLOCKS for j in range(LSE_BLOCKS + 1)})
+        edges = block_edges(l, LSE_BLOCKS)
         for r0, r1 in zip(edges[:-1], edges[1:]):
             s = q[..., r0:r1, :] @ k[..., :r1, :].transpose(-1, -2)  # [B, H, r1−r0, r1]
             s[..., :, r0:].masked_fill_(~_causal_mask(r1 - r0, q.device), float("-inf"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from mha2mla.moments import block_edges
 from mha2mla.plan import TARGET_EPS, ConversionPlan
 
 __all__ = ["causal_sdpa", "source_qkv", "source_attention", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error"]
@@ -145,7 +146,7 @@ def _shared_value_attention(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, s
     b, h, l, _ = q.shape
     r = c.shape[-1]
     out = torch.empty(b, h, l, r, dtype=q.dtype, device=q.device)
-    edges = sorted({l * j // CONTEXT_QUERY_BLOCKS for j in range(CONTEXT_QUERY_BLOCKS + 1)})
+    edges = block_edges(l, CONTEXT_QUERY_BLOCKS)
     for r0, r1 in zip(edges[:-1], edges[1:]):
         s = (q[..., r0:r1, :] * scale) @ k[..., :r1, :].transpose(-1, -2)
         s[..., r0:].masked_fill_(~torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=q.device).tril(), float("-inf"))

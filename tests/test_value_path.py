@@ -156,7 +156,8 @@ def test_output_fit_keeps_a_biased_full_rank_conversion_exact(tiny_source, tmp_p
                           method=Method(mlp_dtype="float32"))  # (exactness: no bfloat16 stream rounding)
     assert res.record["calibration"]["propagation"]["mlp_dtype"] == "float32"
     assert all(layer["output_fit_rel_error"] < 1e-3 for layer in res.record["layers"])
-    assert _held_out_error(src, str(tmp_path / "q")) < 1e-4
+    # float32 calibration: the fits' rounding alone leaves 0.8-1.1e-4 here; one rank short (15) gives 2.3e-4, 12 7.2e-4
+    assert _held_out_error(src, str(tmp_path / "q")) < 1.5e-4
 
 
 def test_output_from_contexts_equals_the_layer_and_calibration_keeps_source_heads(tiny_source, tmp_path):
