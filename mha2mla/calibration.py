@@ -18,6 +18,7 @@ from mha2mla.data import load_texts, pack_tokens, token_blocks
 from mha2mla.errors import Mha2mlaError
 from mha2mla.mlp_fit import GRAM_BLOCKS, DownProjectionFit
 from mha2mla.moments import add_lower_gram, block_edges, context_moment_from_columns, symmetric_from_lower
+from mha2mla.reference import causal_score_blocks
 from mha2mla.source import SourceModel
 
 __all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens", "native_bfloat16"]
@@ -151,11 +152,8 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     heads = torch.empty(b, n_heads, l, hd, device=dev) if outputs else None
     # the probabilities a block of queries at a time, over the keys up to its last query only (5/8 of the score matrix
     # at 4 blocks); rows[r] = P[..., block r, :e_{r+1}]
-    edges = block_edges(l, STATS_QUERY_BLOCKS)
     rows = []
-    for r0, r1 in zip(edges[:-1], edges[1:]):
-        s = q[..., r0:r1, :] @ k[..., :r1, :].transpose(-1, -2)
-        s[..., r0:].masked_fill_(~torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=dev).tril(), float("-inf"))
+    for r0, r1, s in causal_score_blocks(q, k, STATS_QUERY_BLOCKS):
         pr = s.softmax(-1)
         delta = (torch.arange(r0, r1, device=dev)[:, None] - torch.arange(r1, device=dev)[None, :]).clamp_min(0)
         hist.scatter_add_(1, delta.reshape(1, -1).expand(n_heads, -1), pr.sum(0).reshape(n_heads, -1).double())
@@ -166,6 +164,7 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             rows.append(pr[:ctx_rows])
     ctx = None
     if contexts:  # Σ_{h∈g} Xᵀ P_hᵀ P_h X, from each key block's column of the blocks of queries that see it
+        edges = block_edges(l, STATS_QUERY_BLOCKS)
         columns = [torch.cat([rows[r][..., i0:i1] for r in range(i, len(rows))], dim=-2)
                    for i, (i0, i1) in enumerate(zip(edges[:-1], edges[1:]))]
         ctx = context_moment_from_columns(columns, edges, x[:ctx_rows], n_kv).double()
@@ -272,7 +271,7 @@ class Propagation:
         key = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64, device=dev)
         sample, kept, n_ctx, outs = [], 0, 0, []
         ctx_limit = n if context_sequences is None else min(n, context_sequences)
-        edges = [(hidden + 1) * j // GRAM_BLOCKS for j in range(GRAM_BLOCKS + 1)]  # (symmetric moments: lower blocks)
+        edges = block_edges(hidden + 1, GRAM_BLOCKS)  # (symmetric moments: lower blocks)
         for x in self.inputs(i):
             xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(-1, hidden + 1)
             add_lower_gram(sigma, xa, edges)  # float32 within a batch, float64 across batches

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mha2mla.moments import add_lower_gram, symmetric_from_lower
+from mha2mla.moments import add_lower_gram, block_edges, symmetric_from_lower
 
 __all__ = ["DownProjectionFit"]
 
@@ -47,7 +47,7 @@ class DownProjectionFit:
         d = miss.reshape(-1, miss.shape[-1])
         # E[aaᵀ] is symmetric: only its column blocks on and below the diagonal are computed (5/8 of the flops)
         f = a.shape[1]
-        add_lower_gram(self.aa, a, [f * k // GRAM_BLOCKS for k in range(GRAM_BLOCKS + 1)])
+        add_lower_gram(self.aa, a, block_edges(f, GRAM_BLOCKS))
         # the cross moment in the activations' precision: bfloat16 activations (Method.mlp_dtype) make it 2x faster,
         # and its rounding (2^-9 relative) only perturbs the correction, linearly; the Gram stays float32 (its
         # rounding would swamp the ridge in the solve)

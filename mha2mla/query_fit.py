@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from mha2mla.moments import block_edges
 from mha2mla.plan import ConversionPlan
-from mha2mla.reference import _mla_scores_inputs, _rms, _rotate_interleaved, source_qkv
+from mha2mla.reference import _mla_scores_inputs, _rms, _rotate_interleaved, causal_score_blocks, source_qkv
 
 __all__ = ["source_log_probs", "fit_queries", "query_weight_name"]
 
@@ -63,13 +62,9 @@ class _CausalLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        l = q.shape[-2]
         lse = q.new_empty(q.shape[:-1])
         pk = torch.empty_like(q)
-        edges = block_edges(l, LSE_BLOCKS)
-        for r0, r1 in zip(edges[:-1], edges[1:]):
-            s = q[..., r0:r1, :] @ k[..., :r1, :].transpose(-1, -2)  # [B, H, r1−r0, r1]
-            s[..., :, r0:].masked_fill_(~_causal_mask(r1 - r0, q.device), float("-inf"))
+        for r0, r1, s in causal_score_blocks(q, k, LSE_BLOCKS):  # s [B, H, r1−r0, r1]
             mx = s.amax(-1, keepdim=True)
             s.sub_(mx).exp_()
             total = s.sum(-1, keepdim=True)

@@ -13,7 +13,7 @@ import torch
 from mha2mla.moments import block_edges
 from mha2mla.plan import TARGET_EPS, ConversionPlan
 
-__all__ = ["causal_sdpa", "source_qkv", "source_attention", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error"]
+__all__ = ["causal_score_blocks", "causal_sdpa", "source_qkv", "source_attention", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error"]
 
 
 def _rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -138,18 +138,27 @@ def mla_head_contexts(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, a
 CONTEXT_QUERY_BLOCKS = 8
 
 
+def causal_score_blocks(q: torch.Tensor, k: torch.Tensor, blocks: int):
+    """Causal scores a block of queries at a time: yields ``(r0, r1, q[..., r0:r1, :] · k[..., :r1, :]ᵀ)`` with −inf
+    above the diagonal, for ``blocks`` near-equal query blocks (:func:`mha2mla.moments.block_edges`). Each block reads
+    only the keys it can see (5/8 of the score matrix at 4 blocks, 9/16 at 8), and its scores are a fresh tensor the
+    caller may overwrite."""
+    edges = block_edges(q.shape[-2], blocks)
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        s = q[..., r0:r1, :] @ k[..., :r1, :].transpose(-1, -2)
+        s[..., r0:].masked_fill_(~torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        yield r0, r1, s
+
+
 def _shared_value_attention(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention ``[B, heads, L, R]`` of ``q, k [B, heads, L, d]`` over values ``c [B, L, R]`` shared by all
-    heads (the latent), on the CPU: a block of queries at a time, over the keys it can see (9/16 of the score matrix at
-    8 blocks), every head's probabilities times the one latent in a single product. SmolLM2 (8 × 9 heads × 512, d 96,
-    R 160, 2 cores): 87–93 ms against 125 ms for the padded fused kernel of :func:`causal_sdpa`."""
+    heads (the latent), on the CPU: a block of queries at a time (:func:`causal_score_blocks`), every head's
+    probabilities times the one latent in a single product. SmolLM2 (8 × 9 heads × 512, d 96, R 160, 2 cores): 87–93 ms
+    against 125 ms for the padded fused kernel of :func:`causal_sdpa`."""
     b, h, l, _ = q.shape
     r = c.shape[-1]
     out = torch.empty(b, h, l, r, dtype=q.dtype, device=q.device)
-    edges = block_edges(l, CONTEXT_QUERY_BLOCKS)
-    for r0, r1 in zip(edges[:-1], edges[1:]):
-        s = (q[..., r0:r1, :] * scale) @ k[..., :r1, :].transpose(-1, -2)
-        s[..., r0:].masked_fill_(~torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    for r0, r1, s in causal_score_blocks(q * scale, k, CONTEXT_QUERY_BLOCKS):
         p = s.softmax(-1).reshape(b, h * (r1 - r0), r1)
         out[..., r0:r1, :] = (p @ c[:, :r1]).view(b, h, r1 - r0, r)
     return out
