@@ -198,8 +198,8 @@ class Propagation:
     calibrated on what the converted model really feeds it).
 
     Memory: one source layer plus ``N·L·hidden`` floats, on ``device`` (the statistics are returned on the CPU).
-    ``mlp_dtype``: the precision of the MLP forwards that move the streams in :meth:`advance` (the streams themselves,
-    the statistics and the fits stay float32; ``Method.mlp_dtype``).
+    ``mlp_dtype``: the precision of the MLP forwards that move the streams in :meth:`advance` and of the source
+    stream's attention (the streams themselves, the statistics and the fits stay float32; ``Method.mlp_dtype``).
     """
 
     def __init__(self, *, source: SourceModel, tokens: torch.Tensor, batch: int = 8, device: str | torch.device = "cpu",

@@ -195,6 +195,13 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
     def as_output(heads: torch.Tensor) -> torch.Tensor:  # source heads [B, H, L, hd] → the block's output
         return heads.transpose(1, 2).flatten(2) @ w32.o.T + (0 if w32.o_bias is None else w32.o_bias)
 
+    # the source model's own stream moves in the streams' precision (like its MLP, Propagation.mlp_dtype): only the
+    # drift target and the next layer's source inputs read it; the fit's own target (the source heads on the
+    # converted inputs) stays float32
+    low = prop.mlp_dtype
+    w_src = w32 if low == torch.float32 else AttentionWeights(
+        **{k: None if v is None else v.to(low) for k, v in vars(w32).items()})
+
     with torch.no_grad():
         for n, x in enumerate(prop.inputs(i)):
             if calib.head_outputs is not None:
@@ -207,7 +214,7 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
                 first = (contexts, output)
             if sources is not None:
                 x_src, gap = next(sources)
-                a_src = source_attention(weights=w32, x=x_src, angles=src_angles, **shape)
+                a_src = source_attention(weights=w_src, x=x_src.to(low), angles=src_angles, **shape).float()
                 src_outputs.append(a_src)
                 if joint and drift > 0:
                     output = output + drift * (a_src + gap - output)

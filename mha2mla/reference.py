@@ -57,15 +57,16 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def source_qkv(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
                values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Source queries and keys (rotated) and values, each ``[B, n_heads, L, head_dim]`` (KV heads repeated per group;
-    values None unless ``values``)."""
+    values None unless ``values``), in ``x``'s dtype (the rotation is computed from float32 ``angles`` either way: a
+    bfloat16 angle would be off by radians at long positions)."""
     b, l, _ = x.shape
 
     def proj(w, bias, heads):
         y = x @ w.T + (0 if bias is None else bias)
         return y.view(b, l, heads, head_dim).transpose(1, 2).repeat_interleave(n_heads // heads, dim=1)
 
-    q = _rotate_half(proj(weights.q, weights.q_bias, n_heads), angles)
-    k = _rotate_half(proj(weights.k, weights.k_bias, n_kv), angles)
+    q = _rotate_half(proj(weights.q, weights.q_bias, n_heads), angles).to(x.dtype)
+    k = _rotate_half(proj(weights.k, weights.k_bias, n_kv), angles).to(x.dtype)
     v = proj(weights.v, weights.v_bias, n_kv) if values else None
     return q, k, v
 

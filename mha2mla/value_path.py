@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from mha2mla.factorize import svd_via_gram
 from mha2mla.moments import add_lower_gram, symmetric_from_lower
 from mha2mla.plan import ConversionPlan
 
@@ -103,7 +104,7 @@ class ValuePathFit:
                 b = torch.linalg.solve(g_hh, rhs.T).T
                 ev, evec = torch.linalg.eigh(g_hh)
                 root = (evec * ev.clamp_min(0).sqrt()) @ evec.T
-                u = torch.linalg.svd(b @ root, full_matrices=False)[0][:, :hd]
+                u = svd_via_gram(b @ root)[0][:, :hd]
                 m[:, s] = u @ (u.T @ b)
         return m
 
@@ -113,7 +114,7 @@ def factor_heads(*, maps: list[torch.Tensor], head_dim: int) -> tuple[torch.Tens
     singular values. Returns ``(o_proj [hidden, H·hd], up_v [H, hd, R])``."""
     outs, ups = [], []
     for m in maps:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        u, s, vh = svd_via_gram(m)
         k = min(head_dim, s.shape[0])
         root = s[:k].sqrt()
         wo = torch.zeros(m.shape[0], head_dim, dtype=m.dtype)

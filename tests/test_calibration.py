@@ -11,7 +11,7 @@ from conftest import CORPUS
 import mha2mla
 from mha2mla.attention import Method
 from mha2mla.calibration import calibrate, calibration_tokens
-from mha2mla.factorize import factorize_latent, refine_latent, sqrtm_psd
+from mha2mla.factorize import factorize_latent, refine_latent, sqrtm_psd, svd_via_gram
 from mha2mla.source import load_source
 
 
@@ -113,6 +113,31 @@ def test_weighted_factorisation_is_optimal_in_its_norm():
     stack = torch.cat((k, v)) @ s
     plain_err = (stack - torch.cat((plain.up_k, plain.up_v)) @ plain.down @ s).norm()
     assert weighted[1] < plain_err
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (7, 7)])
+def test_svd_via_gram_equals_lapack_svd(shape):
+    g = torch.Generator().manual_seed(2)
+    m = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(0, -3, shape[1], dtype=torch.float64)
+    u, s, vh = svd_via_gram(m)
+    k = min(shape)
+    assert u.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
+    assert torch.allclose(s, torch.linalg.svdvals(m), rtol=1e-9, atol=1e-12 * float(s[0]))
+    assert float((u * s @ vh - m).norm() / m.norm()) < 1e-12
+    assert torch.allclose(u.T @ u, torch.eye(k, dtype=m.dtype), atol=1e-9)
+    assert torch.allclose(vh @ vh.T, torch.eye(k, dtype=m.dtype), atol=1e-9)
+    # float32 in, float32 out (computed in float64)
+    u32, s32, _ = svd_via_gram(m.float())
+    assert u32.dtype == torch.float32 and torch.allclose(s32.double(), s, rtol=1e-5)
+
+
+def test_svd_via_gram_of_a_rank_deficient_matrix_zeroes_the_missing_directions():
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(30, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 12, generator=g, dtype=torch.float64)
+    u, s, vh = svd_via_gram(m)  # tall: U = M V / S, undefined where S = 0
+    assert float((u * s @ vh - m).norm() / m.norm()) < 1e-12
+    assert torch.allclose(u[:, :3].T @ u[:, :3], torch.eye(3, dtype=m.dtype), atol=1e-9)
+    assert float(u[:, 3:].abs().max()) == 0 and float(s[3:].max()) < 1e-6 * float(s[0])
 
 
 def test_alternating_refinement_never_increases_the_objective():

@@ -218,6 +218,47 @@ def test_tracked_source_stream_moves_like_the_source_model(tiny_source, tmp_path
     assert torch.allclose(gaps, plain.h - tracked.h, atol=1e-5) and float(gaps.abs().max()) > 1e-3
 
 
+def test_balance_search_reads_the_statistics_source_heads_as_its_reference(tiny_source, tmp_path):
+    # The balance search ranks candidates against the source layer's output on a few sequences; with the statistics'
+    # source heads at hand it takes them instead of rerunning the source attention: same choice, same error.
+    import dataclasses
+
+    from mha2mla.conversion import _layer_tensors
+
+    src = load_source(tiny_source(n_kv=2, head_dim=16, seed=5, layers=1))
+    plan = make_plan(source=src, rank=12, rope_dim=8, rope_stride=None, dtype="auto")
+    attn, rest = _layer_tensors(src, 0, torch.float64)
+    bound = math.sqrt(plan.hidden) * float(rest["input_layernorm.weight"].abs().max())
+    prop = Propagation(source=src, tokens=_tokens(src, tmp_path, samples=6, length=32), batch=4)
+    calib = prop.layer_calibration(0, head_outputs=True)
+    assert calib.head_outputs[0].shape[0] >= calib.x_sample.shape[0]
+    _, kept = convert_attention(plan=plan, weights=attn, input_norm_bound=bound, calib=calib, method=Method())
+    _, rerun = convert_attention(plan=plan, weights=attn, input_norm_bound=bound,
+                                 calib=dataclasses.replace(calib, head_outputs=None), method=Method())
+    assert kept.key_weight == rerun.key_weight
+    assert kept.output_rel_error == pytest.approx(rerun.output_rel_error, rel=1e-4)
+
+
+def test_source_attention_in_bfloat16_stays_close_at_long_positions():
+    # The source stream moves in the streams' precision (bfloat16 on CPUs that have it): queries, keys and values are
+    # bfloat16, but the rotation is taken from float32 angles (a bfloat16 angle is off by radians past position ~500).
+    g = torch.Generator().manual_seed(4)
+    hidden, n_h, n_kv, hd, length = 32, 4, 2, 8, 1024
+    w = AttentionWeights(q=torch.randn(n_h * hd, hidden, generator=g) / 6, k=torch.randn(n_kv * hd, hidden, generator=g) / 6,
+                         v=torch.randn(n_kv * hd, hidden, generator=g) / 6, o=torch.randn(hidden, n_h * hd, generator=g) / 6)
+    x = torch.randn(2, length, hidden, generator=g)
+    inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq
+    shape = dict(n_heads=n_h, n_kv=n_kv, head_dim=hd)
+    ref = source_attention(weights=w, x=x, angles=angles, **shape)
+    low = AttentionWeights(**{k: None if t is None else t.bfloat16() for k, t in vars(w).items()})
+    got = source_attention(weights=low, x=x.bfloat16(), angles=angles, **shape)
+    assert got.dtype == torch.bfloat16
+    assert relative_output_error(ref[:, 512:], got[:, 512:].float()) < 0.02
+    bad = source_attention(weights=low, x=x.bfloat16(), angles=angles.bfloat16(), **shape)
+    assert relative_output_error(ref[:, 512:], bad[:, 512:].float()) > 0.1  # what the float32 angles prevent
+
+
 def test_drift_correction_lowers_the_error_that_reaches_the_logits(tiny_source, tmp_path):
     from test_calibration import _held_out_error
 
