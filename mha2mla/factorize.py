@@ -204,7 +204,8 @@ def linear_norm_scale(*, down: torch.Tensor, input_norm_bound: float, eps: float
         ``(alpha, norm_weight)`` with ``alpha · norm_weight == sqrt(eps)``.
     """
     rank = down.shape[0]
-    spec = float(torch.linalg.matrix_norm(down.float(), ord=2))
+    d = down.double()
+    spec = float(torch.linalg.eigvalsh(d @ d.T if d.shape[0] <= d.shape[1] else d.T @ d)[-1].clamp_min(0).sqrt())  # ‖W_down‖₂
     ms_bound = (spec * input_norm_bound) ** 2 / rank
     if ms_bound == 0:
         return 1.0, math.sqrt(eps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["add_lower_gram", "block_edges", "causal_context_moment", "context_moment_from_columns", "symmetric_from_lower"]
+__all__ = ["add_lower_gram", "block_edges", "context_moment_from_columns", "symmetric_from_lower"]
 
 
 def add_lower_gram(acc: torch.Tensor, x: torch.Tensor, edges: list[int]) -> None:
@@ -28,20 +28,11 @@ def block_edges(length: int, blocks: int) -> list[int]:
     return sorted({length * j // blocks for j in range(blocks + 1)})
 
 
-def causal_context_moment(p: torch.Tensor, x: torch.Tensor, n_groups: int, blocks: int = 4) -> torch.Tensor:
-    """``[n_groups, d, d]``: ``Σ_b Σ_{h∈g} (P_bh X_b)ᵀ(P_bh X_b) = Σ_b X_bᵀ (Σ_{h∈g} P_bhᵀ P_bh) X_b`` (float32).
-
-    ``p [B, H, L, L]``: causal attention weights (zero above the diagonal), heads grouped in ``n_groups`` consecutive
-    groups; ``x [B, L, d]``. See :func:`context_moment_from_columns` (``blocks`` key blocks).
-    """
-    edges = block_edges(p.shape[-1], blocks)
-    columns = [p[..., i0:, i0:i1] for i0, i1 in zip(edges[:-1], edges[1:])]
-    return context_moment_from_columns(columns, edges, x, n_groups)
-
-
 def context_moment_from_columns(columns: list[torch.Tensor], edges: list[int], x: torch.Tensor,
                                 n_groups: int) -> torch.Tensor:
-    """:func:`causal_context_moment` from the causal part of each key block: ``columns[i] = P[..., e_i:, e_i:e_{i+1}]``
+    """``[n_groups, d, d]``: ``Σ_b Σ_{h∈g} (P_bh X_b)ᵀ(P_bh X_b) = Σ_b X_bᵀ (Σ_{h∈g} P_bhᵀ P_bh) X_b`` (float32), for
+    causal attention weights ``P [B, H, L, L]`` (heads in ``n_groups`` consecutive groups) and ``x [B, L, d]``, from
+    the causal part of each key block: ``columns[i] = P[..., e_i:, e_i:e_{i+1}]``
     (``[B, H, L − e_i, e_{i+1} − e_i]``, the queries from block ``i`` on: the only ones that see its keys).
 
     ``PᵀP`` is symmetric and its block ``(i, j)`` only sums over the queries from block ``max(i, j)`` on, so its lower

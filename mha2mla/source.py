@@ -10,7 +10,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from safetensors import safe_open

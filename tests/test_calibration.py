@@ -80,7 +80,7 @@ def _held_out_error(src_dir: str, out: str) -> float:
 
 def test_calibrated_conversion_beats_data_free(tiny_source, tmp_path, corpus):
     src = tiny_source(n_kv=2, head_dim=16, seed=7)
-    free = mha2mla.convert(source=src, output=str(tmp_path / "free"), rank=12, rope_dim=8, progress=False)
+    mha2mla.convert(source=src, output=str(tmp_path / "free"), rank=12, rope_dim=8, progress=False)
     cal = mha2mla.convert(source=src, output=str(tmp_path / "cal"), rank=12, rope_dim=8, progress=False,
                           calibration=corpus, calibration_samples=8, calibration_length=32)
     assert cal.record["calibration"]["tokens"] == 8 * 32
@@ -229,7 +229,7 @@ def test_calibration_longer_than_the_source_context_is_shortened_and_recorded(ti
 
 @pytest.mark.parametrize("length,blocks", [(37, 4), (32, 4), (9, 2), (5, 8)])
 def test_causal_context_moment_equals_the_dense_product(length, blocks):
-    from mha2mla.moments import causal_context_moment
+    from mha2mla.moments import block_edges, context_moment_from_columns
 
     g = torch.Generator().manual_seed(length)
     b, heads, groups, d = 3, 6, 2, 11
@@ -238,7 +238,9 @@ def test_causal_context_moment_equals_the_dense_product(length, blocks):
     x = torch.randn(b, length, d, generator=g, dtype=torch.float64)
     pp = (p.transpose(-1, -2) @ p).view(b, groups, heads // groups, length, length).sum(2)
     want = torch.einsum("bni,bgnm,bmj->gij", x, pp, x)
-    got = causal_context_moment(p, x, groups, blocks=blocks)
+    edges = block_edges(length, blocks)  # each key block's columns, from the queries that can see it
+    columns = [p[..., i0:, i0:i1] for i0, i1 in zip(edges[:-1], edges[1:])]
+    got = context_moment_from_columns(columns, edges, x, groups)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
