@@ -57,8 +57,9 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def source_qkv(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
                values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Source queries and keys (rotated) and values, each ``[B, n_heads, L, head_dim]`` (KV heads repeated per group;
-    values None unless ``values``), in ``x``'s dtype (the rotation is computed from float32 ``angles`` either way: a
-    bfloat16 angle would be off by radians at long positions)."""
+    values None unless ``values``), in ``x``'s dtype. The rotation is computed in the precision of ``angles`` and then
+    cast: callers pass float32 (or float64) angles with bfloat16 inputs, since a bfloat16 angle is off by radians at
+    long positions."""
     b, l, _ = x.shape
 
     def proj(w, bias, heads):
