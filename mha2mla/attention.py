@@ -27,7 +27,7 @@ import torch
 from mha2mla.calibration import LayerCalibration
 from mha2mla.factorize import factorize_latent, linear_norm_scale, refine_latent, sqrtm_psd
 from mha2mla.plan import TARGET_EPS, ConversionPlan
-from mha2mla.reference import mla_attention, relative_output_error, source_attention
+from mha2mla.reference import mla_attention, relative_output_error, source_attention, source_output_from_heads
 from mha2mla.rope import expected_rotation, key_planes, kept_frequencies, principal_mix, scale_planes, split_rope
 
 __all__ = ["LayerStats", "AttentionWeights", "Method", "convert_attention", "rope_need"]
@@ -136,7 +136,7 @@ class Method:
             checkpoint's ``down_proj`` weights then differ from the source's. 0: off (SmolLM2 32+32, trial runs
             without the last layer's refit: 0 → 74.9 ppl, 0.2 → 68.0, 0.4 → 68.5, 0.8 → 73.6).
         mlp_dtype: the precision of the MLP forwards that move the calibration streams (source and converted), of the
-            source stream's own attention (SmolLM2 160+32: ~0.4 s less per layer; the fits' targets, the source heads
+            source stream's own attention (SmolLM2 160+32: 0.2–0.4 s less per layer; the fits' targets, the source heads
             on the converted stream, stay float32), and of the MLP refit's activations (its moments and solve stay
             float32/float64): ``"bfloat16"``, ``"float32"``, or
             ``"auto"``: bfloat16 where the device multiplies it natively (AVX512-BF16/AMX CPUs, CUDA), else float32.
@@ -308,8 +308,7 @@ def convert_attention(
         pos = torch.arange(x.shape[1], dtype=torch.float32)[:, None]
         heads = calib.head_outputs[0] if calib.head_outputs else None
         if heads is not None and heads.shape[0] >= x.shape[0]:  # the statistics' source heads on the same inputs
-            ref = heads[: x.shape[0]].cpu().float().transpose(1, 2).flatten(2) @ w32.o.T
-            ref = ref + (0 if w32.o_bias is None else w32.o_bias)
+            ref = source_output_from_heads(weights=w32, heads=heads[: x.shape[0]].cpu().float())
         else:
             ref = source_attention(weights=w32, x=x, angles=pos * calib.inv_freq.float(), n_heads=n_h, n_kv=n_kv,
                                    head_dim=hd)

@@ -18,7 +18,7 @@ from mha2mla.calibration import LayerCalibration, Propagation, calibrate, calibr
 from mha2mla.errors import Mha2mlaError
 from mha2mla.plan import ConversionPlan, make_plan
 from mha2mla.reference import (mla_attention, mla_head_contexts, mla_output_from_contexts, relative_output_error,
-                               source_attention)
+                               source_attention, source_output_from_heads)
 from mha2mla.rope import kept_frequencies
 from mha2mla.query_fit import fit_queries, query_weight_name, source_log_probs
 from mha2mla.record import write_model_card, write_record
@@ -192,9 +192,6 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
     sources = prop.source_inputs(i) if prop.tracks_source else None
     src_outputs = [] if sources is not None else None
 
-    def as_output(heads: torch.Tensor) -> torch.Tensor:  # source heads [B, H, L, hd] → the block's output
-        return heads.transpose(1, 2).flatten(2) @ w32.o.T + (0 if w32.o_bias is None else w32.o_bias)
-
     # the source model's own stream moves in the streams' precision (like its MLP, Propagation.mlp_dtype): only the
     # drift target and the next layer's source inputs read it; the fit's own target (the source heads on the
     # converted inputs) stays float32
@@ -209,7 +206,7 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
             else:
                 heads = source_attention(weights=w32, x=x, angles=src_angles, heads=True, **shape)
             contexts = mla_head_contexts(tensors=f32, plan=plan, x=x, angles=mla_angles)
-            output = as_output(heads) if joint or n == 0 else None
+            output = source_output_from_heads(weights=w32, heads=heads) if joint or n == 0 else None
             if n == 0:
                 first = (contexts, output)
             if sources is not None:

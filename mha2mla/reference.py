@@ -13,7 +13,7 @@ import torch
 from mha2mla.moments import block_edges
 from mha2mla.plan import TARGET_EPS, ConversionPlan
 
-__all__ = ["causal_score_blocks", "causal_sdpa", "source_qkv", "source_attention", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error"]
+__all__ = ["causal_score_blocks", "causal_sdpa", "source_qkv", "source_attention", "source_output_from_heads", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error"]
 
 
 def _rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -79,10 +79,15 @@ def source_attention(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads:
     With ``heads`` returns each head's output before ``o_proj`` (``[B, heads, L, head_dim]``) instead.
     """
     q, k, v = source_qkv(weights=weights, x=x, angles=angles, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim)
-    if heads:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim**-0.5)
-    out = _causal_attention(q, k, v, head_dim**-0.5)
-    return out @ weights.o.T + (0 if weights.o_bias is None else weights.o_bias)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim**-0.5)
+    return out if heads else source_output_from_heads(weights=weights, heads=out)
+
+
+def source_output_from_heads(*, weights, heads: torch.Tensor) -> torch.Tensor:
+    """The source attention block's output ``[B, L, hidden]`` from its heads' outputs ``[B, heads, L, head_dim]``
+    (``o_proj``, with its bias when there is one)."""
+    out = heads.transpose(1, 2).flatten(2) @ weights.o.T
+    return out if weights.o_bias is None else out + weights.o_bias
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
