@@ -70,6 +70,20 @@ def matmul_gflops() -> float:
     return 2 * 4096 * 576 * 1536 / best / 1e9
 
 
+def cpu_vector_flags() -> list[str]:
+    """The CPU's vector-extension flags that decide the streams' precision and speed (``/proc/cpuinfo``; empty
+    elsewhere): without ``avx512_bf16``/``amx_bf16`` the streams run in float32 (``Method.mlp_dtype="auto"``)."""
+    wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(wanted & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return []
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--assets", default=os.environ.get("MHA2MLA_ASSETS", os.path.expanduser("~/.cache/mha2mla-assets")))
@@ -97,7 +111,8 @@ def main() -> None:
     rows = [(label, totals[label]) for _, _, label in PHASES]
     rows.append(("other (loading, writing)", total - sum(totals.values())))
     print(f"SmolLM2-135M {args.budget}, {args.calibration_samples} x {args.calibration_length} calibration tokens, method {args.method or 'default'}, "
-          f"{torch.get_num_threads()} threads, streams' MLPs in {mlp_dtype}, float32 matmul {gflops:.0f} GFLOP/s")
+          f"{torch.get_num_threads()} threads, streams' MLPs in {mlp_dtype}, float32 matmul {gflops:.0f} GFLOP/s, "
+          f"CPU {' '.join(cpu_vector_flags()) or '?'}")
     print("| phase | seconds |\n|---|---:|")
     for label, sec in rows:
         print(f"| {label} | {sec:.1f} |")
@@ -108,6 +123,7 @@ def main() -> None:
                    "calibration_length": args.calibration_length,
                    "mlp_dtype": mlp_dtype, "matmul_gflops": round(gflops, 1),
                    "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                   "cpu_vector_flags": cpu_vector_flags(),
                    "total_seconds": round(total, 1), "phases": {k: round(v, 1) for k, v in rows}}, f, indent=2)
         f.write("\n")
 

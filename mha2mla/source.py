@@ -6,6 +6,7 @@ downloading when online), or a ``.gguf`` file (dequantised by transformers' GGUF
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -228,10 +229,8 @@ def _resolve_hub(repo_id: str) -> str:
 
 
 def _load_gguf(file: str, name: str) -> tuple[dict, dict, torch.dtype]:
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise Mha2mlaError("reading .gguf sources needs the gguf package: pip install gguf") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise Mha2mlaError("reading .gguf sources needs the gguf package: pip install gguf")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder, fname = os.path.split(os.path.abspath(file))

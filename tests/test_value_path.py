@@ -421,9 +421,6 @@ def test_keep_freed_memory_is_idempotent():
     first = keep_freed_memory()
     assert keep_freed_memory() is first
     assert first == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")  # elsewhere a no-op
-    # large allocations still work and are zeroed/filled correctly from the heap
-    t = torch.ones(64 * 2**20 // 4)
-    assert float(t.sum()) == t.numel()
 
 
 def test_method_from_spec_parses_every_field_kind_and_rejects_unknown_names():
