@@ -71,17 +71,9 @@ def matmul_gflops() -> float:
 
 
 def cpu_vector_flags() -> list[str]:
-    """The CPU's vector-extension flags that decide the streams' precision and speed (``/proc/cpuinfo``; empty
-    elsewhere): without ``avx512_bf16``/``amx_bf16`` the streams run in float32 (``Method.mlp_dtype="auto"``)."""
-    wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return sorted(wanted & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return []
+    """The CPU's vector-extension flags that decide the streams' precision and speed (empty without
+    ``/proc/cpuinfo``): without ``avx512_bf16``/``amx_bf16`` the streams run in float32 (``Method.mlp_dtype="auto"``)."""
+    return sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"} & calibration.cpu_flags())
 
 
 def main() -> None:
@@ -108,11 +100,12 @@ def main() -> None:
             method=Method.from_spec(args.method), progress=False)
         total = time.perf_counter() - t0
     mlp_dtype = res.record["calibration"]["propagation"]["mlp_dtype"]
+    flags = cpu_vector_flags()
     rows = [(label, totals[label]) for _, _, label in PHASES]
     rows.append(("other (loading, writing)", total - sum(totals.values())))
     print(f"SmolLM2-135M {args.budget}, {args.calibration_samples} x {args.calibration_length} calibration tokens, method {args.method or 'default'}, "
           f"{torch.get_num_threads()} threads, streams' MLPs in {mlp_dtype}, float32 matmul {gflops:.0f} GFLOP/s, "
-          f"CPU {' '.join(cpu_vector_flags()) or '?'}")
+          f"CPU {' '.join(flags) or '?'}")
     print("| phase | seconds |\n|---|---:|")
     for label, sec in rows:
         print(f"| {label} | {sec:.1f} |")
@@ -123,7 +116,7 @@ def main() -> None:
                    "calibration_length": args.calibration_length,
                    "mlp_dtype": mlp_dtype, "matmul_gflops": round(gflops, 1),
                    "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-                   "cpu_vector_flags": cpu_vector_flags(),
+                   "cpu_vector_flags": flags,
                    "total_seconds": round(total, 1), "phases": {k: round(v, 1) for k, v in rows}}, f, indent=2)
         f.write("\n")
 

@@ -21,7 +21,7 @@ from mha2mla.moments import add_lower_gram, block_edges, context_moment_from_col
 from mha2mla.reference import causal_score_blocks
 from mha2mla.source import SourceModel
 
-__all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens", "native_bfloat16"]
+__all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens", "cpu_flags", "native_bfloat16"]
 
 # The MLP refit keeps the calibration tokens' MLP activations between its two passes when they take at most this many
 # floats (N·L·intermediate; 38M for SmolLM2); above it they are computed again.
@@ -30,20 +30,24 @@ MLP_ACTIVATION_CACHE_MAX_FLOATS = 256 * 2**20
 STATS_QUERY_BLOCKS = 4
 
 
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX-BF16, read from
-    ``/proc/cpuinfo``), so bfloat16 matmuls are faster than float32 there."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX-BF16,
+    :func:`cpu_flags`), so bfloat16 matmuls are faster than float32 there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 @dataclass
