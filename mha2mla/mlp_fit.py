@@ -56,11 +56,22 @@ class DownProjectionFit:
 
     def solve(self, *, prior: torch.Tensor, beta: float, ridge: float = 1e-4) -> torch.Tensor:
         """``W [out_features, features]`` (float64) for the target ``t = m + β·d``, shrunk towards ``prior`` (the
-        source ``W_down``, which defines ``m``) by ``ridge·mean(diag E[aaᵀ])``."""
+        source ``W_down``, which defines ``m``) by ``ridge·mean(diag E[aaᵀ])``.
+
+        ``W = (W_down·G + β·E[daᵀ] + λ·W_down)(G + λI)⁻¹ = W_down + β·E[daᵀ](G + λI)⁻¹`` with ``G = E[aaᵀ]``: only the
+        correction is solved for (one Cholesky solve, no ``W_down·G`` product), so ``W`` stays ``W_down`` to the last
+        bit where nothing drifts (``d = 0``) whatever the conditioning of ``G``."""
         if self.n == 0:
             raise ValueError("no calibration tokens were added")
-        g, w0 = symmetric_from_lower(self.aa) / self.n, prior.to(torch.float64)
-        c = w0 @ g + beta * (self.da / self.n)
-        lam = ridge * float(g.diagonal().mean())
-        reg = g + lam * torch.eye(g.shape[0], dtype=g.dtype)
-        return torch.linalg.solve(reg, (c + lam * w0).T).T
+        w0 = prior.to(torch.float64)
+        # (G + λI)⁻¹E[daᵀ]ᵀ = (Σaaᵀ + nλI)⁻¹Σadᵀ; the Cholesky factorisation reads only the lower triangle, which is
+        # what add_lower_gram keeps
+        g = self.aa.clone()
+        g.diagonal().add_(ridge * float(g.diagonal().mean()))
+        rhs = beta * self.da.T
+        factor, info = torch.linalg.cholesky_ex(g)
+        if int(info) == 0:
+            delta = torch.cholesky_solve(rhs, factor)
+        else:  # not numerically positive definite (a rank-deficient G and a ridge at rounding level): least squares
+            delta = torch.linalg.lstsq(symmetric_from_lower(g), rhs, driver="gelsd").solution
+        return w0 + delta.T
