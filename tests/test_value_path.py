@@ -296,6 +296,7 @@ def test_down_projection_fit_keeps_its_prior_and_recovers_a_linear_target():
 
 def test_down_projection_fit_survives_rank_deficient_activations():
     from mha2mla.mlp_fit import DownProjectionFit
+    from mha2mla.moments import symmetric_from_lower
 
     g = torch.Generator().manual_seed(1)
     a = torch.randn(400, 12, generator=g)
@@ -303,6 +304,7 @@ def test_down_projection_fit_survives_rank_deficient_activations():
     w0, w_star = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
     fit = DownProjectionFit(features=16, out_features=5)
     fit.add(activations=a, miss=a @ (w_star - w0).T)
+    assert torch.linalg.cholesky_ex(symmetric_from_lower(fit.aa)).info > 0  # (so the fallback below is what runs)
     w = fit.solve(prior=w0, beta=1.0, ridge=0.0)  # no ridge: the Cholesky factorisation fails, least squares takes over
     assert torch.isfinite(w).all()
     assert torch.allclose(a.double() @ w.T, a.double() @ w_star.double().T, atol=1e-4)  # met (float32 inputs)
