@@ -108,8 +108,12 @@ class Method:
             the key-side moment (attention-weighted when ``attention_weighted_keys``) and values on the averaged inputs (needs ``value_refit``; 0: only ``W_upV`` is refit on
             them, the latent stays the weighted SVD's).
         context_sequences: calibration sequences the averaged-input moment is measured on (0: all; it is the
-            costliest statistic, cubic in the sequence length; SmolLM2 32+32 with 48 × 512 tokens: 16 → 64.5 ppl, 32 →
-            63.5, for ~0.6 s more per layer then; the causal-block product, :mod:`mha2mla.moments`, about halved it).
+            costliest statistic, cubic in the sequence length when measured on every query; SmolLM2 32+32, all
+            queries of 16 sequences → 64.5 ppl, of 32 → 63.5).
+        context_stride: the averaged-input moment reads every k-th query position of each sequence (the offset
+            turning with the batch). Neighbouring queries average nearly the same inputs, so spreading the same cost
+            over more sequences is the better estimate: SmolLM2 32+32, 32 sequences at every query 63.55 ppl,
+            48 at every 4th 62.20, at every 8th 63.08; the default (8, all 48) costs ~0.2 s per layer instead of ~0.7.
         output_fit: refit every head's value up-projection and ``W_o`` by least squares so the converted layer's output
             (under its own attention weights) matches the source layer's on the calibration tokens
             (:mod:`mha2mla.value_path`).
@@ -121,7 +125,9 @@ class Method:
             weighted by the attention each key receives, so the keys that are read most (attention sinks) are kept best.
         query_fit: L-BFGS iterations that refit the query projection so each converted head's attention
             distribution matches the source head's (mean KL over the calibration queries, :mod:`mha2mla.query_fit`);
-            it absorbs much of what sharing one rope key costs. 0: off.
+            it absorbs much of what sharing one rope key costs. 0: off. (SmolLM2 32+32: 10 iterations 63.40 ppl, 15
+            63.47; held-out KL on a 6-layer model 0.152 at 10, 0.141 at 15: the extra iterations do not reach the
+            perplexity, and cost ~0.25 s per layer; both with context stride 4 and 32 source sequences.)
         query_fit_sequences: calibration sequences the query fit runs on (2 of the default 512 tokens: its cost is
             quadratic in the length; 4 gave 63.1 instead of 63.5 ppl at SmolLM2 32+32 for ~3 s more per layer).
         drift_correction: with ``sequential`` and ``output_fit``, the source model's own hidden states are carried
@@ -135,6 +141,11 @@ class Method:
             residual stream: the MLP's many hidden features take back drift the small latent cannot. The written
             checkpoint's ``down_proj`` weights then differ from the source's. 0: off (SmolLM2 32+32, trial runs
             without the last layer's refit: 0 → 74.9 ppl, 0.2 → 68.0, 0.4 → 68.5, 0.8 → 73.6).
+        source_sequences: the source model's own stream (for ``drift_correction`` and ``mlp_drift``) is carried for
+            the first this many calibration sequences only (rounded up to whole batches of 8; 0: all): the drift
+            targets and the MLP refit's moments are measured on those, the converted stream still moves on all.
+            SmolLM2 32+32 (48 sequences, context stride 4, 15 query-fit iterations): all 62.20 ppl, 32 → 63.47,
+            24 → 64.81; 32 saves ~0.5–0.7 s per layer.
         mlp_dtype: the precision of the MLP forwards that move the calibration streams (source and converted), of the
             source stream's own attention (SmolLM2 160+32: 0.2–0.4 s less per layer; the fits' targets, the source heads
             on the converted stream, stay float32), and of the MLP refit's activations (its moments and solve stay
@@ -154,11 +165,13 @@ class Method:
     output_fit_stride: int = 1
     sequential: bool = True
     attention_weighted_keys: bool = True
-    context_sequences: int = 32
-    query_fit: int = 15
+    context_sequences: int = 0
+    context_stride: int = 8
+    query_fit: int = 10
     query_fit_sequences: int = 2
     drift_correction: float = 0.4
     mlp_drift: float = 0.4
+    source_sequences: int = 32
     mlp_dtype: str = "auto"
 
     @classmethod

@@ -132,12 +132,14 @@ def _rotary(source: SourceModel, config):
 
 @torch.no_grad()
 def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
-                     hd: int, contexts: bool, ctx_rows: int = 0,
-                     outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+                     hd: int, contexts: bool, ctx_rows: int = 0, ctx_stride: int = 1, ctx_offset: int = 0,
+                     outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor, torch.Tensor | None]:
     """For one batch ``x [B, L, hidden]``: attention mass per head at each distance Δ = m − n; per KV group the summed
-    second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n`` (as ``Xᵀ(Σ_h P_hᵀP_h)X``, on the first
-    ``ctx_rows`` sequences); the attention each key receives (``[B·L, 1]``, summed over heads and queries); and,
-    with ``outputs``, each head's attention output ``[B, H, L, hd]`` (before ``o_proj``)."""
+    second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n`` over the queries ``m`` of the first
+    ``ctx_rows`` sequences (all of them as ``Xᵀ(Σ_h P_hᵀP_h)X``; with ``ctx_stride > 1`` only the positions
+    ``m ≡ ctx_offset (mod ctx_stride)``, directly from their ``x̄``) and how many query positions per sequence it
+    summed; the attention each key receives (``[B·L, 1]``, summed over heads and queries); and, with ``outputs``, each
+    head's attention output ``[B, H, L, hd]`` (before ``o_proj``)."""
     attn = layer.self_attn
     b, l, _ = x.shape
     q = attn.q_proj(x).view(b, l, n_heads, hd).transpose(1, 2)
@@ -156,7 +158,10 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     heads = torch.empty(b, n_heads, l, hd, device=dev) if outputs else None
     # the probabilities a block of queries at a time, over the keys up to its last query only (5/8 of the score matrix
     # at 4 blocks); rows[r] = P[..., block r, :e_{r+1}]
-    rows = []
+    rows, sampled = [], contexts and ctx_stride > 1
+    ctx, ctx_queries, g = None, l if contexts else 0, n_heads // n_kv
+    if sampled:
+        ctx, ctx_queries = torch.zeros(n_kv, x.shape[-1], x.shape[-1], device=dev), 0
     for r0, r1, s in causal_score_blocks(q, k, STATS_QUERY_BLOCKS):
         pr = s.softmax(-1)
         delta = (torch.arange(r0, r1, device=dev)[:, None] - torch.arange(r1, device=dev)[None, :]).clamp_min(0)
@@ -164,16 +169,24 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         received[:, :r1] += pr.sum(dim=(1, 2))
         if outputs:
             heads[..., r0:r1, :] = pr @ v[..., :r1, :]
-        if contexts:
+        if sampled:  # x̄ of the sampled queries, then Σ_{h∈g} x̄_hᵀ x̄_h per group
+            sel = torch.arange(r0 + (ctx_offset - r0) % ctx_stride, r1, ctx_stride, device=dev)
+            if len(sel):
+                xb = pr[:ctx_rows, :, sel - r0].reshape(ctx_rows, -1, r1) @ x[:ctx_rows, :r1]  # [b, H·s, hidden]
+                xb = xb.view(ctx_rows, n_kv, g * len(sel), -1).transpose(0, 1).reshape(n_kv, -1, xb.shape[-1])
+                add_lower_gram(ctx, xb, block_edges(xb.shape[-1], GRAM_BLOCKS))  # (symmetrised below)
+                ctx_queries += len(sel)
+        elif contexts:
             rows.append(pr[:ctx_rows])
-    ctx = None
-    if contexts:  # Σ_{h∈g} Xᵀ P_hᵀ P_h X, from each key block's column of the blocks of queries that see it
+    if contexts and not sampled:  # Σ_{h∈g} Xᵀ P_hᵀ P_h X, from each key block's column of the blocks of queries that see it
         edges = block_edges(l, STATS_QUERY_BLOCKS)
         columns = [torch.cat([rows[r][..., i0:i1] for r in range(i, len(rows))], dim=-2)
                    for i, (i0, i1) in enumerate(zip(edges[:-1], edges[1:]))]
-        ctx = context_moment_from_columns(columns, edges, x[:ctx_rows], n_kv).double()
+        ctx = context_moment_from_columns(columns, edges, x[:ctx_rows], n_kv)
     received = received.reshape(-1, 1)  # [B·L, 1]: attention each key gets, over heads and queries
-    return hist, ctx, received, heads
+    if sampled:
+        ctx = symmetric_from_lower(ctx)
+    return hist, None if ctx is None else ctx.double(), ctx_queries, received, heads
 
 
 @torch.no_grad()
@@ -202,12 +215,16 @@ class Propagation:
     calibrated on what the converted model really feeds it).
 
     Memory: one source layer plus ``N·L·hidden`` floats, on ``device`` (the statistics are returned on the CPU).
+    ``source_sequences``: with ``track_source``, the source's own stream is carried for this many sequences only (the
+    first ones, rounded up to whole batches; None: all), and what reads it (:meth:`source_inputs`, the MLP refit's
+    moments) sees only those.
     ``mlp_dtype``: the precision of the MLP forwards that move the streams in :meth:`advance` and of the source
     stream's attention (the streams themselves, the statistics and the fits stay float32; ``Method.mlp_dtype``).
     """
 
     def __init__(self, *, source: SourceModel, tokens: torch.Tensor, batch: int = 8, device: str | torch.device = "cpu",
-                 track_source: bool = False, mlp_dtype: torch.dtype = torch.float32):
+                 track_source: bool = False, source_sequences: int | None = None,
+                 mlp_dtype: torch.dtype = torch.float32):
         self.source, self.batch, self.device = source, batch, torch.device(device)
         self.mlp_dtype = mlp_dtype
         self._mlp_copy = None  # the loaded layer's MLP in mlp_dtype (see _load)
@@ -218,7 +235,8 @@ class Propagation:
         self.h = torch.nn.functional.embedding(tokens.to(self.device), embed.to(self.device).float())
         del embed
         # the source model's own hidden states, carried alongside (for the output fit's drift correction and the MLP refit)
-        self.h_src = self.h.clone() if track_source else None
+        n = tokens.shape[0] if source_sequences is None else min(tokens.shape[0], -(-source_sequences // batch) * batch)
+        self.h_src = self.h[:n].clone() if track_source else None
         self.cos, self.sin = rotary.to(self.device)(self.h[:1], self.pos)
         self.inv_freq = rotary.inv_freq.double().cpu().clone()
         self._layer = None
@@ -253,18 +271,20 @@ class Propagation:
     @torch.no_grad()
     def source_inputs(self, i: int):
         """Yields ``(x_src, h_src − h)`` per batch: layer ``i``'s attention input in the *source* model, and how far the
-        converted model's residual stream has drifted from the source's (needs ``track_source``)."""
+        converted model's residual stream has drifted from the source's (needs ``track_source``), for the batches of
+        :meth:`inputs` whose source stream is tracked (the first ones, see ``source_sequences``)."""
         layer = self._load(i)
-        for s in range(0, self.h.shape[0], self.batch):
+        for s in range(0, self.h_src.shape[0], self.batch):
             hs = self.h_src[s : s + self.batch]
             yield layer.input_layernorm(hs), hs - self.h[s : s + self.batch]
 
     @torch.no_grad()
     def layer_calibration(self, i: int, *, sample_sequences: int = 4, value_contexts: bool = True,
-                          context_sequences: int | None = None, head_outputs: bool = False) -> LayerCalibration:
+                          context_sequences: int | None = None, context_stride: int = 1,
+                          head_outputs: bool = False) -> LayerCalibration:
         """Layer ``i``'s :class:`LayerCalibration` on the current hidden states (``sigma_ctx`` only with
-        ``value_contexts``, on the first ``context_sequences`` sequences, all when None: it is the costly part;
-        ``head_outputs`` keeps the source heads' outputs, ``N·L·hidden`` floats)."""
+        ``value_contexts``, on the first ``context_sequences`` sequences, all when None, and on every
+        ``context_stride``-th query position of each: it is the costly part; ``head_outputs`` keeps the source heads' outputs, ``N·L·hidden`` floats)."""
         src, layer = self.source, self._load(i)
         hd, nh, nkv, hidden = src.head_dim, src.n_heads, src.n_kv, src.hidden
         n, l = self.h.shape[:2]
@@ -273,16 +293,18 @@ class Propagation:
         hist = torch.zeros(nh, l, dtype=torch.float64, device=dev)
         ctx = torch.zeros(nkv, hidden, hidden, dtype=torch.float64, device=dev)
         key = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64, device=dev)
-        sample, kept, n_ctx, outs = [], 0, 0, []
+        sample, kept, n_ctx, ctx_count, outs = [], 0, 0, 0, []
         ctx_limit = n if context_sequences is None else min(n, context_sequences)
         edges = block_edges(hidden + 1, GRAM_BLOCKS)  # (symmetric moments: lower blocks)
-        for x in self.inputs(i):
+        for batch, x in enumerate(self.inputs(i)):
             xa = torch.cat((x, torch.ones(*x.shape[:-1], 1, device=dev)), dim=-1).reshape(-1, hidden + 1)
             add_lower_gram(sigma, xa, edges)  # float32 within a batch, float64 across batches
             rows = min(x.shape[0], ctx_limit - n_ctx) if value_contexts else 0
             n_ctx += rows
-            dh, dc, received, ho = _attention_stats(layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, rows > 0,
-                                              ctx_rows=rows, outputs=head_outputs)
+            dh, dc, queries, received, ho = _attention_stats(
+                layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, rows > 0, ctx_rows=rows,
+                ctx_stride=context_stride, ctx_offset=batch % context_stride, outputs=head_outputs)
+            ctx_count += rows * queries
             if ho is not None:
                 outs.append(ho)
             hist += dh
@@ -298,7 +320,7 @@ class Propagation:
         if not math.isfinite(float(sigma.diagonal().sum())):
             raise Mha2mlaError(f"layer {i}: calibration activations are not finite; the source overflows in float32 on this data")
         return LayerCalibration(sigma=sigma, distance_hist=hist, inv_freq=self.inv_freq, x_sample=torch.cat(sample),
-                                sigma_ctx=(ctx / max(n_ctx * l, 1)).float() if value_contexts else None, sigma_key=key / (n * l * nh),
+                                sigma_ctx=(ctx / max(ctx_count, 1)).float() if value_contexts else None, sigma_key=key / (n * l * nh),
                                 head_outputs=outs if head_outputs else None)
 
     @torch.no_grad()
@@ -318,7 +340,7 @@ class Propagation:
                    and getattr(layer.mlp.down_proj, "bias", None) is None)  # (no intercept is fitted)
         for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
             sl = slice(s, s + self.batch)
-            if self.h_src is not None and attention is not None:
+            if self.h_src is not None and attention is not None and s < self.h_src.shape[0]:
                 if source_outputs is None:
                     self.h_src[sl] = layer(self.h_src[sl], attention_mask=None, position_ids=self.pos,
                                            position_embeddings=(self.cos, self.sin))
@@ -343,6 +365,7 @@ class Propagation:
         w0 = layer.mlp.down_proj.weight
         fit = DownProjectionFit(features=w0.shape[1], out_features=w0.shape[0])
         n_tok = self.h.shape[0] * self.h.shape[1]
+        tracked = self.h_src.shape[0]
         keep = n_tok * w0.shape[1] <= MLP_ACTIVATION_CACHE_MAX_FLOATS
         acts = []
 
@@ -356,7 +379,8 @@ class Propagation:
             h_mid = h + (attention[n] if isinstance(attention, list) else attention(layer.input_layernorm(h)))
             a = activations(h_mid)
             # on every token: moments on every 2nd one saved ~1 s per layer on SmolLM2 but lost 32+32 quality (68.9 → 72.0)
-            fit.add(activations=a, miss=self.h_src[sl] - h_mid - mlp.down_proj(a).float())
+            if s < tracked:  # (the moments need the source's stream)
+                fit.add(activations=a, miss=self.h_src[sl] - h_mid - mlp.down_proj(a).float())
             self.h[sl] = h_mid  # the stream after the attention; the refit MLP's output is added below
             if keep:
                 acts.append(a)

@@ -209,8 +209,9 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
             output = source_output_from_heads(weights=w32, heads=heads) if joint or n == 0 else None
             if n == 0:
                 first = (contexts, output)
-            if sources is not None:
-                x_src, gap = next(sources)
+            src_in = None if sources is None else next(sources, None)  # (tracked batches only: source_sequences)
+            if src_in is not None:
+                x_src, gap = src_in
                 a_src = source_attention(weights=w_src, x=x_src.to(low), angles=src_angles, **shape).float()
                 src_outputs.append(a_src)
                 if joint and drift > 0:
@@ -420,6 +421,7 @@ def convert(
             del pre
         mlp_dtype = _mlp_dtype(method, device)
         prop = Propagation(source=src, tokens=tokens, device=device, track_source=_tracks_source(method, plan),
+                           source_sequences=method.source_sequences or None,
                            mlp_dtype=mlp_dtype)
         calib_info["propagation"] = {"tracks_source": prop.tracks_source,
                                      "mlp_dtype": str(mlp_dtype).removeprefix("torch.")}
@@ -448,6 +450,7 @@ def convert(
             bound = math.sqrt(plan.hidden) * float(gamma.abs().max())
             calib = None if prop is None else prop.layer_calibration(
                 i, value_contexts=method.value_refit, context_sequences=method.context_sequences or None,
+                context_stride=method.context_stride,
                 head_outputs=method.output_fit)
             new, st = convert_attention(plan=plan, weights=attn, input_norm_bound=bound, calib=calib, method=method)
             if prop is not None:

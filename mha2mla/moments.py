@@ -8,19 +8,20 @@ __all__ = ["add_lower_gram", "block_edges", "context_moment_from_columns", "symm
 
 
 def add_lower_gram(acc: torch.Tensor, x: torch.Tensor, edges: list[int]) -> None:
-    """``acc += xᵀx`` (float64, on ``acc``'s device) computed only for the column blocks on and below the diagonal.
+    """``acc += xᵀx`` (on ``acc``'s device, in its dtype) computed only for the column blocks on and below the diagonal.
 
-    ``x [rows, f]``; ``edges``: block boundaries ``0 = e_0 < … < e_k = f``. Only ``acc[e_j:, e_j:e_{j+1}]`` is updated
-    (the Gram is symmetric): read the result with :func:`symmetric_from_lower`.
+    ``x [..., rows, f]`` (leading dimensions: a batch of Grams, ``acc [..., f, f]``); ``edges``: block boundaries
+    ``0 = e_0 < … < e_k = f``. Only ``acc[..., e_j:, e_j:e_{j+1}]`` is updated (the Gram is symmetric): read the
+    result with :func:`symmetric_from_lower`.
     """
     for j0, j1 in zip(edges[:-1], edges[1:]):
-        acc[j0:, j0:j1] += (x[:, j0:].T @ x[:, j0:j1]).double().to(acc.device)
+        acc[..., j0:, j0:j1] += (x[..., j0:].transpose(-1, -2) @ x[..., j0:j1]).to(acc.device, acc.dtype)
 
 
 def symmetric_from_lower(acc: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix from the lower triangle that :func:`add_lower_gram` keeps up to date."""
+    """The full symmetric matrix (or batch of them) from the lower triangle that :func:`add_lower_gram` keeps."""
     g = acc.tril()
-    return g + g.tril(-1).T
+    return g + g.tril(-1).transpose(-1, -2)
 
 
 def block_edges(length: int, blocks: int) -> list[int]:

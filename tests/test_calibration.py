@@ -244,8 +244,8 @@ def test_causal_context_moment_equals_the_dense_product(length, blocks):
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("length", [37, 3])
-def test_blockwise_attention_statistics_match_the_dense_eager_attention(tiny_source, corpus, length):
+@pytest.mark.parametrize("length,stride", [(37, 1), (3, 1), (37, 4)])
+def test_blockwise_attention_statistics_match_the_dense_eager_attention(tiny_source, corpus, length, stride):
     from mha2mla.calibration import Propagation, _attention_stats
 
     src = load_source(tiny_source(n_kv=2, layers=1))
@@ -259,14 +259,17 @@ def test_blockwise_attention_statistics_match_the_dense_eager_attention(tiny_sou
     with torch.no_grad():
         out, p = layer.self_attn(hidden_states=x, position_embeddings=(prop.cos, prop.sin), attention_mask=causal)
     nh, nkv, hd = src.n_heads, src.n_kv, src.head_dim
-    hist, ctx, received, heads = _attention_stats(layer, x, prop.cos[:, None], prop.sin[:, None], nh, nkv, hd,
-                                                  True, ctx_rows=2, outputs=True)
+    hist, ctx, queries, received, heads = _attention_stats(layer, x, prop.cos[:, None], prop.sin[:, None], nh, nkv, hd,
+                                                           True, ctx_rows=2, ctx_stride=stride, ctx_offset=1, outputs=True)
     p = p.double()
     delta = torch.arange(length)[:, None] - torch.arange(length)[None, :]
     want_hist = torch.stack([torch.stack([p[:, h][:, delta == d].sum() for d in range(length)]) for h in range(nh)])
     assert torch.allclose(hist, want_hist, atol=1e-5)
     assert torch.allclose(received.double(), p.sum(dim=(1, 2)).reshape(-1, 1), atol=1e-5)
     assert torch.allclose(heads.transpose(1, 2).flatten(2) @ layer.self_attn.o_proj.weight.T, out, atol=1e-5)
-    pp = (p[:2].transpose(-1, -2) @ p[:2]).view(2, nkv, nh // nkv, length, length).sum(2)
+    sel = torch.arange(1 if stride > 1 else 0, length, stride)  # the sampled query positions (offset 1)
+    assert queries == len(sel)
+    ps = p[:2, :, sel]
+    pp = (ps.transpose(-1, -2) @ ps).view(2, nkv, nh // nkv, length, length).sum(2)
     want_ctx = torch.einsum("bni,bgnm,bmj->gij", x[:2].double(), pp, x[:2].double())
     assert torch.allclose(ctx, want_ctx, rtol=1e-5, atol=1e-5 * float(want_ctx.abs().max()))

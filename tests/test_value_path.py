@@ -98,11 +98,13 @@ def test_fitted_path_is_what_the_layer_computes_and_fits_better(tiny_source, tmp
     assert torch.equal(fitted["kv_a_proj_with_mqa.weight"], tensors["kv_a_proj_with_mqa.weight"])
 
 
-def test_value_contexts_second_moment_matches_the_explicit_average(tiny_source, tmp_path):
+@pytest.mark.parametrize("stride", [1, 3])
+def test_value_contexts_second_moment_matches_the_explicit_average(tiny_source, tmp_path, stride):
+    # stride > 1: every stride-th query position, starting at the batch's index mod stride (batches of 2 sequences)
     src = load_source(tiny_source(n_kv=2, head_dim=16, layers=1))
     tokens = _tokens(src, tmp_path, samples=3, length=24)
-    calib = calibrate(source=src, tokens=tokens, progress=False)[0]
-    prop = Propagation(source=src, tokens=tokens)
+    prop = Propagation(source=src, tokens=tokens, batch=2)
+    calib = prop.layer_calibration(0, context_stride=stride)
     x = torch.cat(list(prop.inputs(0))).double()
     from mha2mla.conversion import _layer_tensors
 
@@ -118,7 +120,9 @@ def test_value_contexts_second_moment_matches_the_explicit_average(tiny_source, 
     s = _rotate_half(q, angles) @ _rotate_half(k, angles).transpose(-1, -2) * hd**-0.5
     p = s.masked_fill(~torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril(), float("-inf")).softmax(-1)
     xbar = p @ x[:, None]  # [B, H, L, hidden]
-    per_head = torch.einsum("bhli,bhlj->hij", xbar, xbar) / (x.shape[0] * x.shape[1])
+    sampled = (torch.arange(x.shape[1])[None, :] - (torch.arange(x.shape[0]) // 2)[:, None]) % stride == 0  # [B, L]
+    xbar = xbar * sampled[:, None, :, None]
+    per_head = torch.einsum("bhli,bhlj->hij", xbar, xbar) / int(sampled.sum())
     want = per_head.view(n_kv, n_h // n_kv, *per_head.shape[1:]).sum(1)
     assert torch.allclose(calib.sigma_ctx.double(), want, rtol=1e-3, atol=1e-6)
     received = p.sum(dim=(1, 2)).reshape(-1)
@@ -216,6 +220,31 @@ def test_tracked_source_stream_moves_like_the_source_model(tiny_source, tmp_path
     assert torch.allclose(reused.h_src, plain.h, atol=1e-5)
     gaps = torch.cat([gap for _, gap in tracked.source_inputs(1)])
     assert torch.allclose(gaps, plain.h - tracked.h, atol=1e-5) and float(gaps.abs().max()) > 1e-3
+
+
+def test_source_stream_on_the_first_sequences_only(tiny_source, tmp_path):
+    # Method.source_sequences: the source's own stream is carried for the first sequences (whole batches) only; what
+    # it moves to is the plain source propagation of those rows, and a conversion uses the drift targets there only.
+    src_dir = tiny_source(n_kv=2, head_dim=16, seed=3, layers=2)
+    src = load_source(src_dir)
+    tokens = _tokens(src, tmp_path, samples=6, length=24)
+    plain = Propagation(source=src, tokens=tokens, batch=2)
+    part = Propagation(source=src, tokens=tokens, batch=2, track_source=True, source_sequences=3)
+    assert part.h_src.shape[0] == 4  # 3 sequences, rounded up to whole batches of 2
+    assert len(list(part.source_inputs(0))) == 2
+    plain.advance(0)
+    part.advance(0, lambda x: torch.zeros_like(x))
+    assert torch.allclose(part.h_src, plain.h[:4], atol=1e-5)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    kw = dict(rank=6, rope_dim=8, progress=False, calibration=str(corpus), calibration_samples=16, calibration_length=32)
+    downs = {}
+    for n in (0, 8, 16):
+        res = mha2mla.convert(source=src_dir, output=str(tmp_path / f"s{n}"), method=Method(source_sequences=n), **kw)
+        assert res.record["calibration"]["method"]["source_sequences"] == n
+        downs[n] = [x["mlp_down_rel_change"] for x in res.record["layers"]]
+    assert downs[16] == downs[0] and downs[8] != downs[0]  # all 16 sequences tracked = the default; 8 differ
+    assert all(math.isfinite(c) and c > 1e-4 for c in downs[8])
 
 
 def test_balance_search_reads_the_statistics_source_heads_as_its_reference(tiny_source, tmp_path):
