@@ -192,6 +192,11 @@ class Method:
     def __post_init__(self):
         if self.mlp_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"Method.mlp_dtype must be 'auto', 'float32' or 'bfloat16', got {self.mlp_dtype!r}")
+        if self.context_stride < 1:
+            raise ValueError(f"Method.context_stride must be ≥ 1, got {self.context_stride}")
+        for name in ("context_sequences", "source_sequences"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Method.{name} must be ≥ 0 (0: all sequences), got {getattr(self, name)}")
 
 
 # Key weights (times the energy-balancing one) the balance search tries, from the top down: it stops at the first

@@ -457,6 +457,10 @@ def test_bfloat16_streams_keep_a_lossy_conversion_as_good_as_float32(tiny_source
 def test_method_rejects_an_unknown_mlp_dtype():
     with pytest.raises(ValueError, match="mlp_dtype must be 'auto', 'float32' or 'bfloat16', got 'float16'"):
         Method(mlp_dtype="float16")
+    with pytest.raises(ValueError, match="context_stride must be ≥ 1, got 0"):
+        Method(context_stride=0)
+    with pytest.raises(ValueError, match=r"source_sequences must be ≥ 0 \(0: all sequences\), got -1"):
+        Method(source_sequences=-1)
 
 
 def test_keep_freed_memory_is_idempotent():
