@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from mha2mla.plan import ConversionPlan
-from mha2mla.reference import _mla_scores_inputs, _rms, _rotate_interleaved, causal_score_blocks, source_qkv
+from mha2mla.reference import (_mla_latent, _mla_scores_inputs, _rms, _rotate_interleaved, absorbs_keys, causal_score_blocks,
+                               source_qkv, weighted_sum)
 
 __all__ = ["source_log_probs", "fit_queries", "query_weight_name"]
 
@@ -57,7 +58,8 @@ LSE_BLOCKS = 4
 
 
 class _CausalLogSumExp(torch.autograd.Function):
-    """``lse[..., m] = log Σ_{n≤m} exp(q_m·k_n)`` for ``q, k [B, H, L, d]``, with its gradient in ``q`` only
+    """``lse[..., m] = log Σ_{n≤m} exp(q_m·k_n)`` for ``q [B, H, L, d]`` and ``k [B, H, L, d]`` (or ``[B, L, d]``
+    shared by the heads), with its gradient in ``q`` only
     (``∂lse_m/∂q_m = Σ_n softmax_mn k_n``, kept from the forward: the backward reads no score matrix again)."""
 
     @staticmethod
@@ -68,7 +70,7 @@ class _CausalLogSumExp(torch.autograd.Function):
             mx = s.amax(-1, keepdim=True)
             s.sub_(mx).exp_()
             total = s.sum(-1, keepdim=True)
-            pk[..., r0:r1, :] = (s @ k[..., :r1, :]) / total
+            pk[..., r0:r1, :] = weighted_sum(s, k[..., :r1, :]) / total
             lse[..., r0:r1] = (mx + total.log()).squeeze(-1)
         ctx.save_for_backward(pk)
         return lse
@@ -101,13 +103,20 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
     hd, d, n_h = plan.head_dim, plan.rope_dim, plan.n_heads
     scale = (hd + d) ** -0.5
     fixed = {k: v for k, v in tensors.items() if k != name}
+    # keys against which the queries are scored: per head [b, H, L, hd+d], or with the key up-projection folded into
+    # the queries (reference.absorbs_keys) the cached state [c; k_pe] shared by the heads, [b, L, R+d]
+    absorbed = absorbs_keys(plan)
+    up_k = tensors["kv_b_proj.weight"].view(n_h, 2 * hd, plan.rank)[:, :hd].detach() if absorbed else None
     batches = []
     with torch.no_grad():
         for x, lp in zip(inputs, targets):
-            _, kk, _, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)  # [b, H, L, hd+d]
+            if absorbed:
+                kk = torch.cat(_mla_latent(tensors, plan, x, angles), dim=-1)
+            else:
+                _, kk, _, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
             p = lp.exp()
             # Σ_n p_n log q_n = scale·q·(Σ_n p_n k_n) − logsumexp(s): the target-weighted keys are fixed
-            batches.append((_query_features(tensors, x), kk, p @ kk, (p * lp.clamp_min(-1e30)).sum(-1)))
+            batches.append((_query_features(tensors, x), kk, weighted_sum(p, kk), (p * lp.clamp_min(-1e30)).sum(-1)))
     count = sum(int(pk.shape[0]) * n_h * int(pk.shape[2]) for _, _, pk, _ in batches)
 
     def loss_of(w: torch.Tensor) -> torch.Tensor:
@@ -115,7 +124,8 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
         for z, kk, pk, neg_ent in batches:
             b, l, _ = z.shape
             q = (z @ w.T).view(b, l, n_h, hd + d).transpose(1, 2)
-            q = torch.cat((q[..., :hd], _rotate_interleaved(q[..., hd:], angles)), dim=-1) * scale
+            q_nope = q[..., :hd] @ up_k if absorbed else q[..., :hd]
+            q = torch.cat((q_nope, _rotate_interleaved(q[..., hd:], angles)), dim=-1) * scale
             cross = (q * pk).sum(-1) - _CausalLogSumExp.apply(q, kk)  # Σ_n p_n log softmax(s)_n
             total = total + (neg_ent - cross).sum()
         return total / count

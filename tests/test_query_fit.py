@@ -97,13 +97,15 @@ def test_conversion_records_the_query_fit(tiny_source, tmp_path):
     assert all(layer.query_kl_before is None for layer in off.layers)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_the_fitted_loss_is_the_mean_attention_kl(tiny_source, tmp_path, bias):
+@pytest.mark.parametrize("bias,rank", [(False, None), (True, None), (False, 12), (True, 12)])
+def test_the_fitted_loss_is_the_mean_attention_kl(tiny_source, tmp_path, bias, rank):
     """The fit's loss (written with the identity Σ p log softmax(s) = q·(Σ p k) − logsumexp(s)) equals the mean KL
-    between the source and converted attention distributions computed directly from the converted layer."""
-    from mha2mla.reference import _mla_scores_inputs
+    between the source and converted attention distributions computed directly from the converted layer (per-head
+    keys; rank 12 < head_dim 16: the fit scores against the cached state with W_upK folded into the queries)."""
+    from mha2mla.reference import _mla_scores_inputs, absorbs_keys
 
-    plan, tensors, xs, targets, angles = _layer(tiny_source, tmp_path, attention_bias=bias)
+    plan, tensors, xs, targets, angles = _layer(tiny_source, tmp_path, attention_bias=bias, rank=rank)
+    assert absorbs_keys(plan) == (rank is not None)
     total, count = 0.0, 0
     for x, lp in zip(xs, targets):
         qq, kk, _, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
@@ -116,18 +118,20 @@ def test_the_fitted_loss_is_the_mean_attention_kl(tiny_source, tmp_path, bias):
     assert _kl(plan, tensors, xs, targets, angles) == pytest.approx(total / count, rel=1e-4)
 
 
-@pytest.mark.parametrize("length", [1, 7, 30])
-def test_fused_causal_logsumexp_matches_autograd_of_the_dense_scores(length):
+@pytest.mark.parametrize("length,shared", [(1, False), (7, False), (30, False), (7, True), (30, True)])
+def test_fused_causal_logsumexp_matches_autograd_of_the_dense_scores(length, shared):
     from mha2mla.query_fit import _CausalLogSumExp
 
     g = torch.Generator().manual_seed(length)
     q = torch.randn(2, 3, length, 5, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 3, length, 5, generator=g, dtype=torch.float64)
+    if shared:  # one key per position for all heads, passed as [B, L, d]
+        k = k[:, :1].expand(-1, 3, -1, -1)
     w = torch.randn(2, 3, length, generator=g, dtype=torch.float64)
     mask = torch.ones(length, length, dtype=torch.bool).tril()
     dense = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")).logsumexp(-1)
     (want,) = torch.autograd.grad((dense * w).sum(), q)
-    fused = _CausalLogSumExp.apply(q, k)
+    fused = _CausalLogSumExp.apply(q, k[:, 0] if shared else k)
     (got,) = torch.autograd.grad((fused * w).sum(), q)
     assert torch.allclose(fused, dense, rtol=1e-12, atol=1e-12)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)

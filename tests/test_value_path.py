@@ -10,7 +10,7 @@ from conftest import CORPUS
 
 import mha2mla
 from mha2mla.attention import AttentionWeights, Method, convert_attention
-from mha2mla.calibration import Propagation, calibrate, calibration_tokens
+from mha2mla.calibration import Propagation, calibration_tokens
 from mha2mla.plan import make_plan
 from mha2mla.reference import mla_attention, mla_head_contexts, relative_output_error, source_attention
 from mha2mla.rope import kept_frequencies
@@ -71,6 +71,22 @@ def _layer(src, plan, tokens):
     angles = torch.arange(x.shape[1], dtype=torch.float64)[:, None] * calib.inv_freq
     mla_angles = angles[:, kept_frequencies(head_dim=plan.head_dim, rope_dim=plan.rope_dim, stride=plan.rope_stride)]
     return attn, tensors, x, angles, mla_angles
+
+
+@pytest.mark.parametrize("rank", [8, 16, 24])  # < head_dim: scores against the cached state (W_upK in q); else per head
+def test_latent_contexts_are_the_attention_weighted_latent(tiny_source, tmp_path, rank):
+    from mha2mla.reference import _mla_scores_inputs, absorbs_keys
+
+    src, plan = _plan(tiny_source, rank=rank)
+    assert absorbs_keys(plan) == (rank < plan.head_dim)
+    _, tensors, x, _, mla_angles = _layer(src, plan, _tokens(src, tmp_path, samples=4, length=32))
+    qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, mla_angles, values=False)
+    mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+    p = (qq @ kk.transpose(-1, -2) * (plan.head_dim + plan.rope_dim) ** -0.5).masked_fill(~mask, -math.inf).softmax(-1)
+    want = p @ c[:, None]
+    got = mla_head_contexts(tensors=tensors, plan=plan, x=x, angles=mla_angles)
+    assert got.shape == (x.shape[0], plan.n_heads, x.shape[1], rank)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-10 * float(want.abs().max()))
 
 
 def test_fitted_path_is_what_the_layer_computes_and_fits_better(tiny_source, tmp_path):
