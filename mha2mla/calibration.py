@@ -18,7 +18,7 @@ from mha2mla.data import load_texts, pack_tokens, token_blocks
 from mha2mla.errors import Mha2mlaError
 from mha2mla.mlp_fit import GRAM_BLOCKS, DownProjectionFit
 from mha2mla.moments import add_lower_gram, block_edges, context_moment_from_columns, symmetric_from_lower
-from mha2mla.reference import causal_score_blocks
+from mha2mla.reference import causal_score_blocks, weighted_sum
 from mha2mla.source import SourceModel
 
 __all__ = ["LayerCalibration", "Propagation", "calibrate", "calibration_tokens", "cpu_flags", "native_bfloat16"]
@@ -150,8 +150,11 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         t1, t2 = t[..., :half], t[..., half:]
         return t * cos + torch.cat((-t2, t1), dim=-1) * sin
 
-    q, k = rot(q) * hd**-0.5, rot(k).repeat_interleave(n_heads // n_kv, dim=1)  # (scaling q, not the L×L scores)
-    v = attn.v_proj(x).view(b, l, n_kv, hd).transpose(1, 2).repeat_interleave(n_heads // n_kv, dim=1) if outputs else None
+    # the g = n_heads/n_kv query heads of a KV group as one batch entry reading its keys (no per-head copies of k, v)
+    g = n_heads // n_kv
+    q = (rot(q) * hd**-0.5).reshape(b * n_kv, g, l, hd)  # (scaling q, not the L×L scores)
+    k = rot(k).reshape(b * n_kv, l, hd)
+    v = attn.v_proj(x).view(b, l, n_kv, hd).transpose(1, 2).reshape(b * n_kv, l, hd) if outputs else None
     dev = x.device
     hist = torch.zeros(n_heads, l, dtype=torch.float64, device=dev)
     received = torch.zeros(b, l, device=dev)
@@ -159,16 +162,16 @@ def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     # the probabilities a block of queries at a time, over the keys up to its last query only (5/8 of the score matrix
     # at 4 blocks); rows[r] = P[..., block r, :e_{r+1}]
     rows, sampled = [], contexts and ctx_stride > 1
-    ctx, ctx_queries, g = None, l if contexts else 0, n_heads // n_kv
+    ctx, ctx_queries = None, l if contexts else 0
     if sampled:
         ctx, ctx_queries = torch.zeros(n_kv, x.shape[-1], x.shape[-1], device=dev), 0
     for r0, r1, s in causal_score_blocks(q, k, STATS_QUERY_BLOCKS):
-        pr = s.softmax(-1)
+        pr = s.softmax(-1).view(b, n_heads, r1 - r0, r1)
         delta = (torch.arange(r0, r1, device=dev)[:, None] - torch.arange(r1, device=dev)[None, :]).clamp_min(0)
         hist.scatter_add_(1, delta.reshape(1, -1).expand(n_heads, -1), pr.sum(0).reshape(n_heads, -1).double())
         received[:, :r1] += pr.sum(dim=(1, 2))
         if outputs:
-            heads[..., r0:r1, :] = pr @ v[..., :r1, :]
+            heads[..., r0:r1, :] = weighted_sum(pr.view(b * n_kv, g, r1 - r0, r1), v[:, :r1]).view(b, n_heads, r1 - r0, hd)
         if sampled:  # x̄ of the sampled queries, then Σ_{h∈g} x̄_hᵀ x̄_h per group
             sel = torch.arange(r0 + (ctx_offset - r0) % ctx_stride, r1, ctx_stride, device=dev)
             if len(sel):

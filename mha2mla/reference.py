@@ -56,20 +56,23 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def source_qkv(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
-               values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Source queries and keys (rotated) and values, each ``[B, n_heads, L, head_dim]`` (KV heads repeated per group;
-    values None unless ``values``), in ``x``'s dtype. The rotation is computed in the precision of ``angles`` and then
-    cast: callers pass float32 (or float64) angles with bfloat16 inputs, since a bfloat16 angle is off by radians at
-    long positions."""
+               values: bool = True, repeat: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Source queries ``[B, n_heads, L, head_dim]`` and keys (rotated) and values, ``[B, n_heads, L, head_dim]`` with
+    the KV heads repeated per group, or ``[B, n_kv, L, head_dim]`` without ``repeat`` (values None unless ``values``),
+    in ``x``'s dtype. The rotation is computed in the precision of ``angles`` and then cast: callers pass float32 (or
+    float64) angles with bfloat16 inputs, since a bfloat16 angle is off by radians at long positions."""
     b, l, _ = x.shape
 
     def proj(w, bias, heads):
         y = x @ w.T + (0 if bias is None else bias)
-        return y.view(b, l, heads, head_dim).transpose(1, 2).repeat_interleave(n_heads // heads, dim=1)
+        return y.view(b, l, heads, head_dim).transpose(1, 2)
+
+    def grouped(t):
+        return t.repeat_interleave(n_heads // n_kv, dim=1) if repeat else t
 
     q = _rotate_half(proj(weights.q, weights.q_bias, n_heads), angles).to(x.dtype)
-    k = _rotate_half(proj(weights.k, weights.k_bias, n_kv), angles).to(x.dtype)
-    v = proj(weights.v, weights.v_bias, n_kv) if values else None
+    k = grouped(_rotate_half(proj(weights.k, weights.k_bias, n_kv), angles).to(x.dtype))
+    v = grouped(proj(weights.v, weights.v_bias, n_kv)) if values else None
     return q, k, v
 
 
@@ -79,8 +82,10 @@ def source_attention(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads:
 
     With ``heads`` returns each head's output before ``o_proj`` (``[B, heads, L, head_dim]``) instead.
     """
-    q, k, v = source_qkv(weights=weights, x=x, angles=angles, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim**-0.5)
+    q, k, v = source_qkv(weights=weights, x=x, angles=angles, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
+                         repeat=False)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim**-0.5,
+                                                           enable_gqa=n_kv != n_heads)
     return out if heads else source_output_from_heads(weights=weights, heads=out)
 
 
