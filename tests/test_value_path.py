@@ -18,8 +18,8 @@ from mha2mla.source import load_source
 from mha2mla.value_path import ValuePathFit, factor_heads, value_path_prior, with_value_path
 
 
-def _plan(tiny_source, *, n_kv=2, head_dim=16, rank=12, rope_dim=8, seed=3):
-    src = load_source(tiny_source(n_kv=n_kv, head_dim=head_dim, seed=seed))
+def _plan(tiny_source, *, n_kv=2, head_dim=16, rank=12, rope_dim=8, seed=3, **kw):
+    src = load_source(tiny_source(n_kv=n_kv, head_dim=head_dim, seed=seed, **kw))
     return src, make_plan(source=src, rank=rank, rope_dim=rope_dim, rope_stride=None, dtype="float32")
 
 
@@ -73,11 +73,13 @@ def _layer(src, plan, tokens):
     return attn, tensors, x, angles, mla_angles
 
 
-@pytest.mark.parametrize("rank", [8, 16, 24])  # < head_dim: scores against the cached state (W_upK in q); else per head
-def test_latent_contexts_are_the_attention_weighted_latent(tiny_source, tmp_path, rank):
+# rank < head_dim: scores against the cached state (W_upK in q); else per head. Biases: the query behind q_a_proj.
+@pytest.mark.parametrize("rank,bias", [(8, False), (8, True), (16, False), (24, False), (24, True)])
+def test_latent_contexts_are_the_attention_weighted_latent(tiny_source, tmp_path, rank, bias):
     from mha2mla.reference import _mla_scores_inputs, absorbs_keys
 
-    src, plan = _plan(tiny_source, rank=rank)
+    src, plan = _plan(tiny_source, rank=rank, attention_bias=bias)
+    assert ("q_a_proj.weight" in _layer(src, plan, _tokens(src, tmp_path, samples=2, length=16))[1]) == bias
     assert absorbs_keys(plan) == (rank < plan.head_dim)
     _, tensors, x, _, mla_angles = _layer(src, plan, _tokens(src, tmp_path, samples=4, length=32))
     qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, mla_angles, values=False)
