@@ -82,10 +82,13 @@ def source_attention(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads:
 
     With ``heads`` returns each head's output before ``o_proj`` (``[B, heads, L, head_dim]``) instead.
     """
+    # on the CPU the fused kernel reads each KV head once (enable_gqa); elsewhere the KV heads are repeated, since
+    # not every CUDA kernel takes grouped heads in every dtype and the fallback would form the L×L scores
+    gqa = n_kv != n_heads and x.device.type == "cpu"
     q, k, v = source_qkv(weights=weights, x=x, angles=angles, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
-                         repeat=False)
+                         repeat=not gqa)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim**-0.5,
-                                                           enable_gqa=n_kv != n_heads)
+                                                           enable_gqa=gqa)
     return out if heads else source_output_from_heads(weights=weights, heads=out)
 
 

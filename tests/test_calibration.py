@@ -273,3 +273,34 @@ def test_blockwise_attention_statistics_match_the_dense_eager_attention(tiny_sou
     pp = (ps.transpose(-1, -2) @ ps).view(2, nkv, nh // nkv, length, length).sum(2)
     want_ctx = torch.einsum("bni,bgnm,bmj->gij", x[:2].double(), pp, x[:2].double())
     assert torch.allclose(ctx, want_ctx, rtol=1e-5, atol=1e-5 * float(want_ctx.abs().max()))
+
+
+@pytest.mark.parametrize("arch,bias", [("llama", False), ("qwen2", True)])
+def test_reference_source_attention_is_the_transformers_layer(tiny_source, corpus, arch, bias):
+    """The plain-torch source attention (grouped KV heads read once on the CPU) equals transformers' own attention."""
+    from mha2mla.attention import AttentionWeights
+    from mha2mla.calibration import Propagation
+    from mha2mla.reference import source_attention, source_qkv
+
+    kw = {"attention_bias": True} if bias else {}
+    src = load_source(tiny_source(arch=arch, n_kv=2, layers=1, **kw))
+    tokens = calibration_tokens(source=src, data=corpus, samples=2, length=24)
+    prop = Propagation(source=src, tokens=tokens, batch=2)
+    layer = prop._load(0)
+    x = next(prop.inputs(0))
+    causal = torch.full((24, 24), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        want, _ = layer.self_attn(hidden_states=x, position_embeddings=(prop.cos, prop.sin), attention_mask=causal)
+    a = layer.self_attn
+    w = AttentionWeights(q=a.q_proj.weight, k=a.k_proj.weight, v=a.v_proj.weight, o=a.o_proj.weight,
+                         q_bias=a.q_proj.bias, k_bias=a.k_proj.bias, v_bias=a.v_proj.bias)
+    angles = torch.arange(24, dtype=torch.float32)[:, None] * prop.inv_freq.float()
+    shape = dict(n_heads=src.n_heads, n_kv=src.n_kv, head_dim=src.head_dim)
+    with torch.no_grad():
+        got = source_attention(weights=w, x=x, angles=angles, **shape)
+        q, k, v = source_qkv(weights=w, x=x, angles=angles, **shape)
+        k1, v1 = source_qkv(weights=w, x=x, angles=angles, repeat=False, **shape)[1:]
+    assert src.n_kv < src.n_heads and k1.shape[1] == src.n_kv
+    assert torch.equal(k, k1.repeat_interleave(src.n_heads // src.n_kv, dim=1))
+    assert torch.equal(v, v1.repeat_interleave(src.n_heads // src.n_kv, dim=1))
+    assert torch.allclose(got, want, atol=1e-5)
