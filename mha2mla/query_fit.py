@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from mha2mla.plan import ConversionPlan
-from mha2mla.reference import (_mla_latent, _mla_scores_inputs, _rms, _rotate_interleaved, absorbs_keys, causal_score_blocks,
-                               source_qkv, weighted_sum)
+from mha2mla.reference import (_key_up_projection, _mla_latent, _mla_scores_inputs, _rms, _rotate_interleaved, absorbs_keys,
+                               causal_score_blocks, source_qkv, weighted_sum)
 
 __all__ = ["source_log_probs", "fit_queries", "query_weight_name"]
 
@@ -106,7 +106,7 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
     # keys against which the queries are scored: per head [b, H, L, hd+d], or with the key up-projection folded into
     # the queries (reference.absorbs_keys) the cached state [c; k_pe] shared by the heads, [b, L, R+d]
     absorbed = absorbs_keys(plan)
-    up_k = tensors["kv_b_proj.weight"].view(n_h, 2 * hd, plan.rank)[:, :hd].detach() if absorbed else None
+    up_k = _key_up_projection(tensors, plan).detach() if absorbed else None
     batches = []
     with torch.no_grad():
         for x, lp in zip(inputs, targets):

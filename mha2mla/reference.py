@@ -147,14 +147,18 @@ def absorbs_keys(plan: ConversionPlan) -> bool:
     return plan.rank < plan.head_dim
 
 
+def _key_up_projection(tensors: dict, plan: ConversionPlan) -> torch.Tensor:
+    """``W_upK`` per head, ``[H, hd, R]`` (a view of ``kv_b_proj``'s key rows)."""
+    return tensors["kv_b_proj.weight"].view(plan.n_heads, 2 * plan.head_dim, plan.rank)[:, : plan.head_dim]
+
+
 def _mla_absorbed_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor):
     """Absorbed scores' inputs (:func:`absorbs_keys`): queries ``[B, heads, L, R+D]`` (``W_upK,hᵀ q_nope,h`` and the
     rotated rope part), the shared keys ``[c; k_pe]`` ``[B, L, R+D]`` and the latent ``c [B, L, R]``."""
-    hd, r = plan.head_dim, plan.rank
+    hd = plan.head_dim
     q = _mla_queries(tensors, plan, x)
     c, k_pe = _mla_latent(tensors, plan, x, angles)
-    up_k = tensors["kv_b_proj.weight"].view(plan.n_heads, 2 * hd, r)[:, :hd]  # [H, hd, R]
-    qq = torch.cat((q[..., :hd] @ up_k, _rotate_interleaved(q[..., hd:], angles)), dim=-1)
+    qq = torch.cat((q[..., :hd] @ _key_up_projection(tensors, plan), _rotate_interleaved(q[..., hd:], angles)), dim=-1)
     return qq, torch.cat((c, k_pe), dim=-1), c
 
 
@@ -176,12 +180,13 @@ def mla_head_contexts(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, a
     The value path is linear in it: head ``h`` outputs ``W_upV,h c̄_h``, and the layer ``Σ_h W_o,h W_upV,h c̄_h``.
     """
     scale = (plan.head_dim + plan.rope_dim) ** -0.5
-    if x.device.type == "cpu" and absorbs_keys(plan):
-        qq, kk, c = _mla_absorbed_inputs(tensors, plan, x, angles)
-        return _shared_value_attention(qq, kk, c, scale)
-    qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
     if x.device.type != "cpu":
+        qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
         return causal_sdpa(qq, kk, c[:, None].expand(-1, plan.n_heads, -1, -1), scale)
+    if absorbs_keys(plan):
+        qq, kk, c = _mla_absorbed_inputs(tensors, plan, x, angles)
+    else:
+        qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
     return _shared_value_attention(qq, kk, c, scale)
 
 
