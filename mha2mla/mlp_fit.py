@@ -23,12 +23,11 @@ GRAM_BLOCKS = 4
 
 
 class DownProjectionFit:
-    """Accumulates ``E[aaᵀ]`` and ``E[daᵀ]`` batch by batch (float64, on the CPU), then solves for ``W``.
+    """Accumulates ``E[aaᵀ]`` and ``E[raᵀ]`` batch by batch (float64, on the CPU), then solves for ``W``.
 
-    ``d = h_src − h' − m`` is how far the MLP's own output ``m = W_down a`` misses the source's stream, so the target's
-    cross-moment is ``E[taᵀ] = W_down·E[aaᵀ] + β·E[daᵀ]``. (Passing ``d`` rather than ``h_src − h'`` keeps a conversion
-    that does not drift exact: ``d`` is then ~0, whereas ``W_down·E[aaᵀ]`` and an accumulated ``E[(h_src − h')aᵀ]``
-    would differ by float32 rounding.)
+    ``r = h_src − h'`` is what the MLP would have to output to put the stream back on the source's; the target
+    ``t = m + β·(r − m)`` is linear in ``r`` and ``m = W_down a``, so only ``E[raᵀ]`` is accumulated and no per-token
+    product ``m = W_down a`` is needed (on SmolLM2 that product was a fifth of the refit's arithmetic).
 
     Args:
         features: the MLP's intermediate size.
@@ -37,41 +36,43 @@ class DownProjectionFit:
 
     def __init__(self, *, features: int, out_features: int):
         self.aa = torch.zeros(features, features, dtype=torch.float64)
-        self.da = torch.zeros(out_features, features, dtype=torch.float64)
+        self.ra = torch.zeros(out_features, features, dtype=torch.float64)
         self.n = 0
 
-    def add(self, *, activations: torch.Tensor, miss: torch.Tensor) -> None:
-        """``activations [..., features]`` and ``miss [..., out_features]`` (``d``) of the same tokens, on any device."""
-        low = activations.reshape(-1, activations.shape[-1])
-        a = low.float()
-        d = miss.reshape(-1, miss.shape[-1])
+    def add(self, *, activations: torch.Tensor, residual: torch.Tensor) -> None:
+        """``activations [..., features]`` and ``residual [..., out_features]`` (``r``) of the same tokens, on any
+        device."""
+        a = activations.reshape(-1, activations.shape[-1]).float()
+        r = residual.reshape(-1, residual.shape[-1])
         # E[aaᵀ] is symmetric: only its column blocks on and below the diagonal are computed (5/8 of the flops)
         f = a.shape[1]
         add_lower_gram(self.aa, a, block_edges(f, GRAM_BLOCKS))
-        # the cross moment in the activations' precision: bfloat16 activations (Method.mlp_dtype) make it 2x faster,
-        # and its rounding (2^-9 relative) only perturbs the correction, linearly; the Gram stays float32 (its
-        # rounding would swamp the ridge in the solve)
-        self.da += (d.to(low.dtype).T @ low).double().cpu()
+        # float32 like the Gram, also for bfloat16 activations (Method.mlp_dtype): the fit's correction β(X − W_down)
+        # is small, and bfloat16 rounding of r (2^-9·|r|) would reach it
+        self.ra += (r.float().T @ a).double().cpu()
         self.n += a.shape[0]
 
     def solve(self, *, prior: torch.Tensor, beta: float, ridge: float = 1e-4) -> torch.Tensor:
-        """``W [out_features, features]`` (float64) for the target ``t = m + β·d``, shrunk towards ``prior`` (the
-        source ``W_down``, which defines ``m``) by ``ridge·mean(diag E[aaᵀ])``.
+        """``W [out_features, features]`` (float64) for the target ``t = m + β·d = (1 − β)·m + β·r``, shrunk towards
+        ``prior`` (the source ``W_down``, which defines ``m``) by ``ridge·mean(diag E[aaᵀ])``.
 
-        ``W = (W_down·G + β·E[daᵀ] + λ·W_down)(G + λI)⁻¹ = W_down + β·E[daᵀ](G + λI)⁻¹`` with ``G = E[aaᵀ]``: only the
-        correction is solved for (one Cholesky solve, no ``W_down·G`` product), so ``W`` stays ``W_down`` to the last
-        bit where nothing drifts (``d = 0``) whatever the conditioning of ``G``."""
+        The target is linear in β, and so is the fit: ``W = (1 − β)·W_down + β·X`` with ``X`` the ridge fit of ``r``,
+        ``X = (E[raᵀ] + λ·W_down)(G + λI)⁻¹`` (``G = E[aaᵀ]``; one Cholesky solve, no ``W_down·G`` product). At
+        ``β = 0`` ``W`` is ``W_down`` to the last bit."""
         if self.n == 0:
             raise ValueError("no calibration tokens were added")
         w0 = prior.to(torch.float64)
-        # (G + λI)⁻¹E[daᵀ]ᵀ = (Σaaᵀ + nλI)⁻¹Σadᵀ; the Cholesky factorisation reads only the lower triangle, which is
-        # what add_lower_gram keeps
+        if beta == 0:
+            return w0.clone()
+        # (Σaaᵀ + nλI)⁻¹(Σarᵀ + nλW_downᵀ); the Cholesky factorisation reads only the lower triangle, which is what
+        # add_lower_gram keeps
         g = self.aa.clone()
-        g.diagonal().add_(ridge * float(g.diagonal().mean()))
-        rhs = beta * self.da.T
+        lam = ridge * float(g.diagonal().mean())
+        g.diagonal().add_(lam)
+        rhs = self.ra.T + lam * w0.T
         factor, info = torch.linalg.cholesky_ex(g)
         if int(info) == 0:
-            delta = torch.cholesky_solve(rhs, factor)
+            x = torch.cholesky_solve(rhs, factor)
         else:  # not numerically positive definite (a rank-deficient G and a ridge at rounding level): least squares
-            delta = torch.linalg.lstsq(symmetric_from_lower(g), rhs, driver="gelsd").solution
-        return w0 + delta.T
+            x = torch.linalg.lstsq(symmetric_from_lower(g), rhs, driver="gelsd").solution
+        return (1 - beta) * w0 + beta * x.T
