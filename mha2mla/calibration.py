@@ -328,7 +328,7 @@ class Propagation:
 
     @torch.no_grad()
     def advance(self, i: int, attention=None, source_outputs: list[torch.Tensor] | None = None,
-                mlp_drift: float = 0.0) -> torch.Tensor | None:
+                mlp_drift: float = 0.0, last: bool = False) -> torch.Tensor | None:
         """Move past layer ``i``: through the source layer, or with a converted attention block in place of the source
         attention (source residual scale): a function ``attention(x)`` of the attention input, or a list of its outputs
         per batch of :meth:`inputs` (already computed). When the source's own hidden states are tracked they move
@@ -337,10 +337,17 @@ class Propagation:
         With ``mlp_drift > 0`` (a converted attention, the source tracked) the layer's MLP down-projection is refit so
         its output moves that fraction of the way to the source's stream (:mod:`mha2mla.mlp_fit`); the converted
         stream moves through the refit MLP, and the refit weight ``[hidden, intermediate]`` (float64, CPU) is returned.
-        Otherwise returns None."""
+        Otherwise returns None.
+
+        ``last``: nothing reads the streams past this layer (the model's last): they are left where they are, and only
+        the MLP refit runs (the converted stream past the attention, which it reads; the source's, tracked, is read as
+        it stands after the layer, so the source layer still moves it). Afterwards the hidden states are undefined."""
         layer = self._load(i)
         fit_mlp = (mlp_drift > 0 and attention is not None and self.h_src is not None
                    and getattr(layer.mlp.down_proj, "bias", None) is None)  # (no intercept is fitted)
+        if last and not fit_mlp:
+            self._layer = self._mlp_copy = None
+            return None
         for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
             sl = slice(s, s + self.batch)
             if self.h_src is not None and attention is not None and s < self.h_src.shape[0]:
@@ -358,12 +365,13 @@ class Propagation:
             else:
                 h = h + (attention[n] if isinstance(attention, list) else attention(layer.input_layernorm(h)))
                 self.h[sl] = h + self._mlp(layer, h)
-        down = self._refit_mlp(layer, attention, mlp_drift) if fit_mlp else None
+        down = self._refit_mlp(layer, attention, mlp_drift, last) if fit_mlp else None
         self._layer = self._mlp_copy = None
         return down
 
-    def _refit_mlp(self, layer, attention, beta: float) -> torch.Tensor:
-        """The converted stream past the attention and the refit MLP (see :meth:`advance`); returns the refit weight."""
+    def _refit_mlp(self, layer, attention, beta: float, last: bool) -> torch.Tensor:
+        """The converted stream past the attention and the refit MLP (see :meth:`advance`; with ``last`` only what the
+        fit reads); returns the refit weight."""
         mlp, dt = self._mlp_copy, self.mlp_dtype
         w0 = layer.mlp.down_proj.weight
         fit = DownProjectionFit(features=w0.shape[1], out_features=w0.shape[0])
@@ -377,6 +385,8 @@ class Propagation:
             return mlp.act_fn(mlp.gate_proj(u)) * mlp.up_proj(u)
 
         for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
+            if last and s >= tracked:
+                break  # (the untracked sequences feed no moment, and nothing reads their stream further)
             sl = slice(s, s + self.batch)
             h = self.h[sl]
             h_mid = h + (attention[n] if isinstance(attention, list) else attention(layer.input_layernorm(h)))
@@ -388,6 +398,8 @@ class Propagation:
             if keep:
                 acts.append(a)
         w = fit.solve(prior=w0.detach().double().cpu(), beta=beta)
+        if last:
+            return w
         w_dev = w.to(self.device, dt)
         for n, s in enumerate(range(0, self.h.shape[0], self.batch)):
             sl = slice(s, s + self.batch)

@@ -468,7 +468,7 @@ def convert(
                 else:
                     down = prop.advance(
                         i, outputs or _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1], prop.device),
-                        source_outputs=src_outputs, mlp_drift=mlp_drift)
+                        source_outputs=src_outputs, mlp_drift=mlp_drift, last=i == plan.n_layers - 1)
                     if down is not None:
                         w0 = rest["mlp.down_proj.weight"]
                         st.mlp_rel_change = float((down - w0.double()).norm() / w0.double().norm().clamp_min(1e-30))

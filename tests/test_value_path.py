@@ -240,6 +240,25 @@ def test_tracked_source_stream_moves_like_the_source_model(tiny_source, tmp_path
     assert torch.allclose(gaps, plain.h - tracked.h, atol=1e-5) and float(gaps.abs().max()) > 1e-3
 
 
+def test_last_layer_refit_skips_the_streams_and_fits_the_same_weight(tiny_source, tmp_path):
+    # At the model's last layer nothing reads the streams afterwards: advance(last=True) only refits the MLP (on the
+    # tracked sequences), and must return the weight the full advance returns, to the last bit.
+    src = load_source(tiny_source(n_kv=2, head_dim=16, seed=5, layers=2))
+    tokens = _tokens(src, tmp_path, samples=6, length=24)
+    attention = lambda x: 0.5 * x[..., : src.hidden]  # a converted attention that drifts from the source's
+    downs, streams = {}, {}
+    for last in (False, True):
+        prop = Propagation(source=src, tokens=tokens, batch=2, track_source=True, source_sequences=4)
+        prop.advance(0, attention)  # (both streams move past layer 0)
+        before = prop.h.clone()
+        downs[last] = prop.advance(1, attention, mlp_drift=0.4, last=last)
+        streams[last] = (before, prop.h)
+    assert downs[True] is not None and torch.equal(downs[True], downs[False])
+    moved, kept = streams[False], streams[True]
+    assert not torch.equal(moved[0], moved[1])  # the full advance moves the converted stream past the layer
+    assert torch.equal(kept[0][4:], kept[1][4:])  # last=True leaves the untracked sequences' stream alone
+
+
 def test_source_stream_on_the_first_sequences_only(tiny_source, tmp_path):
     # Method.source_sequences: the source's own stream is carried for the first sequences (whole batches) only; what
     # it moves to is the plain source propagation of those rows, and a conversion uses the drift targets there only.
