@@ -17,17 +17,12 @@ import torch
 
 from mha2mla.plan import ConversionPlan
 from mha2mla.reference import (_key_up_projection, _mla_latent, _mla_scores_inputs, _rms, _rotate_interleaved, absorbs_keys,
-                               causal_score_blocks, source_qkv, weighted_sum)
+                               causal_score_blocks, query_weight_name, source_qkv, weighted_sum)
 
 __all__ = ["source_log_probs", "fit_queries", "query_weight_name"]
 
 # Below this mean KL (nats) the converted attention already matches the source (e.g. an exact conversion): no fit.
 NEGLIGIBLE_KL = 1e-6
-
-
-def query_weight_name(tensors: dict) -> str:
-    """The converted tensor that maps the (normalised) query input to the heads' queries."""
-    return "q_proj.weight" if "q_proj.weight" in tensors else "q_b_proj.weight"
 
 
 def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
@@ -106,7 +101,22 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
     # keys against which the queries are scored: per head [b, H, L, hd+d], or with the key up-projection folded into
     # the queries (reference.absorbs_keys) the cached state [c; k_pe] shared by the heads, [b, L, R+d]
     absorbed = absorbs_keys(plan)
-    up_k = _key_up_projection(tensors, plan).detach() if absorbed else None
+    width, fold = hd, None
+    if absorbed:
+        # The loss reads each head's non-rope query rows W_h only through W_upK,hᵀ W_h. With W_upK,h = Q_h F_h (QR,
+        # Q_h orthonormal [hd, R]) that is F_hᵀ (Q_hᵀ W_h): the inputs are multiplied by the R rows Q_hᵀ W_h instead of
+        # the hd rows of W_h (a third fewer query flops at R = hd/2), and the fold is F_h (R × R). The variable stays
+        # W, so L-BFGS takes the same steps.
+        basis, fold = torch.linalg.qr(_key_up_projection(tensors, plan).detach().to(tensors[name].dtype))
+        width = plan.rank
+
+    def read_rows(w: torch.Tensor) -> torch.Tensor:
+        """The rows of ``w`` the inputs are multiplied by: ``[heads·(width+D), in]``."""
+        if not absorbed:
+            return w
+        per_head = w.view(n_h, hd + d, -1)
+        return torch.cat((basis.transpose(1, 2) @ per_head[:, :hd], per_head[:, hd:]), dim=1).reshape(-1, w.shape[-1])
+
     batches = []
     with torch.no_grad():
         for x, lp in zip(inputs, targets):
@@ -120,12 +130,12 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
     count = sum(int(pk.shape[0]) * n_h * int(pk.shape[2]) for _, _, pk, _ in batches)
 
     def loss_of(w: torch.Tensor) -> torch.Tensor:
-        total = 0.0
+        total, rows = 0.0, read_rows(w)
         for z, kk, pk, neg_ent in batches:
             b, l, _ = z.shape
-            q = (z @ w.T).view(b, l, n_h, hd + d).transpose(1, 2)
-            q_nope = q[..., :hd] @ up_k if absorbed else q[..., :hd]
-            q = torch.cat((q_nope, _rotate_interleaved(q[..., hd:], angles)), dim=-1) * scale
+            q = (z @ rows.T).view(b, l, n_h, width + d).transpose(1, 2)
+            q_nope = q[..., :width] @ fold if absorbed else q[..., :width]
+            q = torch.cat((q_nope, _rotate_interleaved(q[..., width:], angles)), dim=-1) * scale
             cross = (q * pk).sum(-1) - _CausalLogSumExp.apply(q, kk)  # Σ_n p_n log softmax(s)_n
             total = total + (neg_ent - cross).sum()
         return total / count

@@ -99,6 +99,11 @@ def source_output_from_heads(*, weights, heads: torch.Tensor) -> torch.Tensor:
     return out if weights.o_bias is None else out + weights.o_bias
 
 
+def query_weight_name(tensors: dict) -> str:
+    """The converted tensor that maps the (normalised) query input to the heads' queries."""
+    return "q_proj.weight" if "q_proj.weight" in tensors else "q_b_proj.weight"
+
+
 def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TARGET_EPS))
 
@@ -152,13 +157,30 @@ def _key_up_projection(tensors: dict, plan: ConversionPlan) -> torch.Tensor:
     return tensors["kv_b_proj.weight"].view(plan.n_heads, 2 * plan.head_dim, plan.rank)[:, : plan.head_dim]
 
 
+def _absorbed_query_weight(tensors: dict, plan: ConversionPlan) -> torch.Tensor:
+    """``[heads·(R+D), in]``: the query weight (``q_proj``, or ``q_b_proj`` behind the query norm) with each head's
+    key up-projection folded into its non-rope rows, ``W_upK,hᵀ W_q,h`` (R rows instead of hd), its rope rows as they
+    are: the absorbed queries in one product with fewer outputs, ``x·(W_upK,hᵀ W_q,h)ᵀ = (x·W_q,hᵀ)·W_upK,h``."""
+    hd, d = plan.head_dim, plan.rope_dim
+    w = tensors[query_weight_name(tensors)]
+    w = w.view(plan.n_heads, hd + d, w.shape[-1])
+    folded = _key_up_projection(tensors, plan).transpose(1, 2).to(w.dtype) @ w[:, :hd]  # [H, R, in]
+    return torch.cat((folded, w[:, hd:]), dim=1).reshape(-1, w.shape[-1])
+
+
 def _mla_absorbed_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor):
     """Absorbed scores' inputs (:func:`absorbs_keys`): queries ``[B, heads, L, R+D]`` (``W_upK,hᵀ q_nope,h`` and the
-    rotated rope part), the shared keys ``[c; k_pe]`` ``[B, L, R+D]`` and the latent ``c [B, L, R]``."""
-    hd = plan.head_dim
-    q = _mla_queries(tensors, plan, x)
+    rotated rope part, from :func:`_absorbed_query_weight`), the shared keys ``[c; k_pe]`` ``[B, L, R+D]`` and the
+    latent ``c [B, L, R]``."""
+    b, l, _ = x.shape
+    r = plan.rank
+    if "q_proj.weight" in tensors:
+        feats = x
+    else:
+        feats = _rms(x @ tensors["q_a_proj.weight"].T + tensors["q_a_proj.bias"], tensors["q_a_layernorm.weight"])
+    q = (feats @ _absorbed_query_weight(tensors, plan).T).view(b, l, plan.n_heads, r + plan.rope_dim).transpose(1, 2)
     c, k_pe = _mla_latent(tensors, plan, x, angles)
-    qq = torch.cat((q[..., :hd] @ _key_up_projection(tensors, plan), _rotate_interleaved(q[..., hd:], angles)), dim=-1)
+    qq = torch.cat((q[..., :r], _rotate_interleaved(q[..., r:], angles)), dim=-1)
     return qq, torch.cat((c, k_pe), dim=-1), c
 
 

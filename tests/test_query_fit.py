@@ -118,6 +118,33 @@ def test_the_fitted_loss_is_the_mean_attention_kl(tiny_source, tmp_path, bias, r
     assert _kl(plan, tensors, xs, targets, angles) == pytest.approx(total / count, rel=1e-4)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_absorbed_fit_takes_the_steps_of_the_fit_on_the_query_weight(tiny_source, tmp_path, monkeypatch, bias):
+    """Below head_dim the fit multiplies the inputs by Q_hᵀ W_h only (W_upK,h = Q_h F_h) and folds F_h into the
+    queries; the variable is still W, so L-BFGS must land where the fit with per-head keys lands, and W_h only moves
+    within span(W_upK,h) (the rest has no gradient)."""
+    import mha2mla.query_fit as qf
+
+    plan, tensors, xs, targets, angles = _layer(tiny_source, tmp_path, attention_bias=bias, rank=12)
+    name = query_weight_name(tensors)
+    fits = {}
+    for absorbed in (True, False):
+        monkeypatch.setattr(qf, "absorbs_keys", lambda p, a=absorbed: a)
+        fits[absorbed] = fit_queries(tensors=tensors, plan=plan, inputs=xs[:2], targets=targets[:2], angles=angles,
+                                     iterations=8)
+    (a, info_a), (w, info_w) = fits[True], fits[False]
+    assert info_a["kl_after"] < 0.9 * info_a["kl_before"]
+    assert info_a["kl_before"] == pytest.approx(info_w["kl_before"], rel=1e-5)
+    assert info_a["kl_after"] == pytest.approx(info_w["kl_after"], rel=1e-3)
+    change_a, change_w = a[name] - tensors[name], w[name] - tensors[name]
+    assert float((change_a - change_w).norm()) < 1e-2 * float(change_w.norm())
+    hd, d = plan.head_dim, plan.rope_dim
+    up_k = tensors["kv_b_proj.weight"].view(plan.n_heads, 2 * hd, plan.rank)[:, :hd]
+    nope = change_a.view(plan.n_heads, hd + d, -1)[:, :hd]
+    outside = nope - up_k @ torch.linalg.pinv(up_k) @ nope  # the part of each head's change outside span(W_upK,h)
+    assert float(outside.norm()) < 1e-5 * float(nope.norm())
+
+
 @pytest.mark.parametrize("length,shared", [(1, False), (7, False), (30, False), (7, True), (30, True)])
 def test_fused_causal_logsumexp_matches_autograd_of_the_dense_scores(length, shared):
     from mha2mla.query_fit import _CausalLogSumExp

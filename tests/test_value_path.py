@@ -358,6 +358,10 @@ def test_down_projection_fit_keeps_its_prior_and_recovers_a_linear_target():
     assert torch.allclose(half, 0.5 * (w0 + w_star).double(), atol=1e-4)
     shrunk = fit.solve(prior=w0, beta=1.0, ridge=1e3)  # a huge ridge returns (almost) the prior
     assert (shrunk - w0.double()).norm() < 0.01 * (w_star - w0).norm()
+    still = DownProjectionFit(features=24, out_features=10)
+    for batch in a:  # no drift: the source stream is what the MLP gives, up to float32 rounding
+        still.add(activations=batch, residual=batch @ w0.T)
+    assert torch.equal(still.solve(prior=w0, beta=1.0, ridge=1e-9), w0.double())  # the prior, to the last bit
 
 
 def test_down_projection_fit_survives_rank_deficient_activations():
