@@ -27,7 +27,8 @@ import torch
 from mha2mla.calibration import LayerCalibration
 from mha2mla.factorize import factorize_latent, linear_norm_scale, refine_latent, sqrtm_psd
 from mha2mla.plan import TARGET_EPS, ConversionPlan
-from mha2mla.reference import mla_attention, relative_output_error, source_attention, source_output_from_heads
+from mha2mla.reference import (absorbs_keys, mla_attention, mla_head_contexts, mla_output_from_contexts, relative_output_error,
+                               source_attention, source_output_from_heads)
 from mha2mla.rope import expected_rotation, key_planes, kept_frequencies, principal_mix, scale_planes, split_rope
 
 __all__ = ["LayerStats", "AttentionWeights", "Method", "convert_attention", "rope_need"]
@@ -336,7 +337,7 @@ def convert_attention(
         for g in BALANCE_GRID:
             (tensors, _), _ = assemble(base * g, final=False)  # the search ranks balances; ALS refines the winner
             t32 = {k: v.float() for k, v in tensors.items()}
-            err = relative_output_error(ref * plan.residual_scale, mla_attention(tensors=t32, plan=plan, x=x, angles=angles))
+            err = relative_output_error(ref * plan.residual_scale, _candidate_output(t32, plan, x, angles))
             if best is not None and not err < best[0]:
                 break  # (see BALANCE_GRID)
             best = (err, base * g)
@@ -350,6 +351,16 @@ def convert_attention(
         singular_values=[float(x) for x in latent.singular_values], key_weight=chosen_kw, output_rel_error=out_err,
     )
     return out, stats
+
+
+def _candidate_output(tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """A converted layer's output on ``x``: :func:`mla_attention`, or below head_dim (:func:`absorbs_keys`) the same
+    from the absorbed latent contexts, which score the cached state instead of per-head keys and values (SmolLM2
+    32+32: ~half the time)."""
+    if not absorbs_keys(plan):
+        return mla_attention(tensors=tensors, plan=plan, x=x, angles=angles)
+    contexts = mla_head_contexts(tensors=tensors, plan=plan, x=x, angles=angles)
+    return mla_output_from_contexts(tensors=tensors, plan=plan, contexts=contexts)
 
 
 def refit_values(*, v: torch.Tensor, down: torch.Tensor, sigma_ctx: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:

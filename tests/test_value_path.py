@@ -182,15 +182,20 @@ def test_output_fit_keeps_a_biased_full_rank_conversion_exact(tiny_source, tmp_p
     assert _held_out_error(src, str(tmp_path / "q")) < 1.5e-4
 
 
-def test_output_from_contexts_equals_the_layer_and_calibration_keeps_source_heads(tiny_source, tmp_path):
-    from mha2mla.reference import mla_output_from_contexts
+@pytest.mark.parametrize("rank", [12, 24])  # below head_dim the contexts score the cached state (absorbed keys)
+def test_output_from_contexts_equals_the_layer_and_calibration_keeps_source_heads(tiny_source, tmp_path, rank):
+    from mha2mla.attention import _candidate_output
+    from mha2mla.reference import absorbs_keys, mla_output_from_contexts
 
-    src, plan = _plan(tiny_source)
+    src, plan = _plan(tiny_source, rank=rank)
+    assert absorbs_keys(plan) == (rank < plan.head_dim)
     tokens = _tokens(src, tmp_path, samples=3, length=24)
     attn, tensors, x, angles, mla_angles = _layer(src, plan, tokens)
     ctx = mla_head_contexts(tensors=tensors, plan=plan, x=x, angles=mla_angles)
     direct = mla_attention(tensors=tensors, plan=plan, x=x, angles=mla_angles)
     assert torch.allclose(mla_output_from_contexts(tensors=tensors, plan=plan, contexts=ctx), direct, atol=1e-9)
+    # what the balance search ranks its candidates by
+    assert torch.allclose(_candidate_output(tensors, plan, x, mla_angles), direct, atol=1e-9)
     # The statistics pass keeps each source head's output: the output fit's targets, without a second source pass.
     calib = Propagation(source=src, tokens=tokens).layer_calibration(0, head_outputs=True)
     heads = source_attention(weights=attn, x=x, angles=angles, n_heads=plan.n_heads, n_kv=plan.n_kv,
