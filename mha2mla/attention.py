@@ -27,8 +27,8 @@ import torch
 from mha2mla.calibration import LayerCalibration
 from mha2mla.factorize import factorize_latent, linear_norm_scale, refine_latent, sqrtm_psd
 from mha2mla.plan import TARGET_EPS, ConversionPlan
-from mha2mla.reference import (absorbs_keys, mla_attention, mla_head_contexts, mla_output_from_contexts, relative_output_error,
-                               source_attention, source_output_from_heads)
+from mha2mla.reference import (absorbs_keys, mla_attention, mla_head_contexts, mla_output_from_contexts,
+                               relative_output_error, source_attention, source_output_from_heads)
 from mha2mla.rope import expected_rotation, key_planes, kept_frequencies, principal_mix, scale_planes, split_rope
 
 __all__ = ["LayerStats", "AttentionWeights", "Method", "convert_attention", "rope_need"]

@@ -50,8 +50,8 @@ class DownProjectionFit:
         # E[aaᵀ] is symmetric: only its column blocks on and below the diagonal are computed (5/8 of the flops)
         f = a.shape[1]
         add_lower_gram(self.aa, a, block_edges(f, GRAM_BLOCKS))
-        # float32 like the Gram, also for bfloat16 activations (Method.mlp_dtype): the fit's correction β(X − W_down)
-        # is small, and bfloat16 rounding of r (2^-9·|r|) would reach it
+        # float32 like the Gram, also for bfloat16 activations (Method.mlp_dtype): the miss E[daᵀ] is the difference
+        # of E[raᵀ] and W_down·E[aaᵀ], and bfloat16 rounding of r (2^-9·|r|) would be of its size
         self.ra += (r.float().T @ a).double().cpu()
         self.n += a.shape[0]
 

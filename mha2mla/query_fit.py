@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from mha2mla.plan import ConversionPlan
-from mha2mla.reference import (_key_up_projection, _mla_latent, _mla_scores_inputs, _rms, _rotate_interleaved, absorbs_keys,
-                               causal_score_blocks, query_weight_name, source_qkv, weighted_sum)
+from mha2mla.reference import (_key_up_projection, _mla_latent, _mla_scores_inputs, _query_features,
+                               _rotate_interleaved, absorbs_keys, causal_score_blocks, query_weight_name, source_qkv,
+                               weighted_sum)
 
 __all__ = ["source_log_probs", "fit_queries", "query_weight_name"]
 
@@ -37,14 +38,6 @@ def source_log_probs(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads:
                          values=False)
     scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
     return scores.masked_fill(~_causal_mask(x.shape[1], x.device), float("-inf")).log_softmax(-1)
-
-
-def _query_features(tensors: dict, x: torch.Tensor) -> torch.Tensor:
-    """What the fitted weight multiplies: ``x`` itself, or the (linear) query norm's output."""
-    if "q_proj.weight" in tensors:
-        return x
-    qa = x @ tensors["q_a_proj.weight"].T + tensors["q_a_proj.bias"]
-    return _rms(qa, tensors["q_a_layernorm.weight"])
 
 
 # Query rows per block of the fused causal log-sum-exp: block j only reads the keys up to its last row (5/8 of the

@@ -108,14 +108,19 @@ def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TARGET_EPS))
 
 
+def _query_features(tensors: dict, x: torch.Tensor) -> torch.Tensor:
+    """What the query weight (:func:`query_weight_name`) multiplies: ``x`` itself, or the (linear) query norm's
+    output."""
+    if "q_proj.weight" in tensors:
+        return x
+    qa = x @ tensors["q_a_proj.weight"].T + tensors["q_a_proj.bias"]
+    return _rms(qa, tensors["q_a_layernorm.weight"])
+
+
 def _mla_queries(tensors: dict, plan: ConversionPlan, x: torch.Tensor) -> torch.Tensor:
     """DeepseekV3 queries ``[B, heads, L, hd+D]`` before the rotation of their rope part."""
     b, l, _ = x.shape
-    if "q_proj.weight" in tensors:
-        q = x @ tensors["q_proj.weight"].T
-    else:
-        qa = x @ tensors["q_a_proj.weight"].T + tensors["q_a_proj.bias"]
-        q = _rms(qa, tensors["q_a_layernorm.weight"]) @ tensors["q_b_proj.weight"].T
+    q = _query_features(tensors, x) @ tensors[query_weight_name(tensors)].T
     return q.view(b, l, plan.n_heads, plan.head_dim + plan.rope_dim).transpose(1, 2)
 
 
@@ -174,11 +179,7 @@ def _mla_absorbed_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, a
     latent ``c [B, L, R]``."""
     b, l, _ = x.shape
     r = plan.rank
-    if "q_proj.weight" in tensors:
-        feats = x
-    else:
-        feats = _rms(x @ tensors["q_a_proj.weight"].T + tensors["q_a_proj.bias"], tensors["q_a_layernorm.weight"])
-    q = (feats @ _absorbed_query_weight(tensors, plan).T).view(b, l, plan.n_heads, r + plan.rope_dim).transpose(1, 2)
+    q = (_query_features(tensors, x) @ _absorbed_query_weight(tensors, plan).T).view(b, l, plan.n_heads, r + plan.rope_dim).transpose(1, 2)
     c, k_pe = _mla_latent(tensors, plan, x, angles)
     qq = torch.cat((q[..., :r], _rotate_interleaved(q[..., r:], angles)), dim=-1)
     return qq, torch.cat((c, k_pe), dim=-1), c
