@@ -332,7 +332,9 @@ class Propagation:
         """Move past layer ``i``: through the source layer, or with a converted attention block in place of the source
         attention (source residual scale): a function ``attention(x)`` of the attention input, or a list of its outputs
         per batch of :meth:`inputs` (already computed). When the source's own hidden states are tracked they move
-        through the source layer (``source_outputs``: its attention outputs on them per batch, when already computed).
+        through the source layer (``source_outputs``: its attention outputs on them per batch, when already computed)
+        together with a converted attention only: a plain source move (``attention`` None, conversion that is not
+        sequential, which tracks no source stream) moves the converted stream alone.
 
         With ``mlp_drift > 0`` (a converted attention, the source tracked) the layer's MLP down-projection is refit so
         its output moves that fraction of the way to the source's stream (:mod:`mha2mla.mlp_fit`); the converted
