@@ -356,7 +356,7 @@ def convert_attention(
 def _candidate_output(tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """A converted layer's output on ``x``: :func:`mla_attention`, or below head_dim (:func:`absorbs_keys`) the same
     from the absorbed latent contexts, which score the cached state instead of per-head keys and values (SmolLM2
-    32+32: ~half the time)."""
+    32+32: factorisation 0.69 → 0.61 s per layer, same picks)."""
     if not absorbs_keys(plan):
         return mla_attention(tensors=tensors, plan=plan, x=x, angles=angles)
     contexts = mla_head_contexts(tensors=tensors, plan=plan, x=x, angles=angles)

@@ -461,14 +461,13 @@ def convert(
                     new, st.output_fit_rel_error, outputs, src_outputs = _fit_output(
                         prop, i, plan, attn, new, calib, method.output_fit_stride, method.drift_correction)
                 mlp_drift = method.mlp_drift if prop.tracks_source else 0.0
-                if i == plan.n_layers - 1 and not mlp_drift:
-                    pass  # nothing reads the hidden states past the last layer
-                elif not method.sequential:
-                    prop.advance(i)
+                last = i == plan.n_layers - 1  # (nothing reads the hidden states past it: advance only refits)
+                if not method.sequential:
+                    prop.advance(i, last=last)
                 else:
                     down = prop.advance(
                         i, outputs or _converted_attention(plan, new, calib.inv_freq, prop.h.shape[1], prop.device),
-                        source_outputs=src_outputs, mlp_drift=mlp_drift, last=i == plan.n_layers - 1)
+                        source_outputs=src_outputs, mlp_drift=mlp_drift, last=last)
                     if down is not None:
                         w0 = rest["mlp.down_proj.weight"]
                         st.mlp_rel_change = float((down - w0.double()).norm() / w0.double().norm().clamp_min(1e-30))

@@ -179,7 +179,8 @@ def _mla_absorbed_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, a
     latent ``c [B, L, R]``."""
     b, l, _ = x.shape
     r = plan.rank
-    q = (_query_features(tensors, x) @ _absorbed_query_weight(tensors, plan).T).view(b, l, plan.n_heads, r + plan.rope_dim).transpose(1, 2)
+    q = _query_features(tensors, x) @ _absorbed_query_weight(tensors, plan).T
+    q = q.view(b, l, plan.n_heads, r + plan.rope_dim).transpose(1, 2)
     c, k_pe = _mla_latent(tensors, plan, x, angles)
     qq = torch.cat((q[..., :r], _rotate_interleaved(q[..., r:], angles)), dim=-1)
     return qq, torch.cat((c, k_pe), dim=-1), c
