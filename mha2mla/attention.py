@@ -120,7 +120,10 @@ class Method:
             (under its own attention weights) matches the source layer's on the calibration tokens
             (:mod:`mha2mla.value_path`).
         output_fit_stride: the output fit's moments use every k-th query position (its cost grows with
-            ``(n_heads·rank)²`` per position). 2 saves ~5 s on SmolLM2 but measurably loses quality: 1 by default.
+            ``(n_heads·rank)²`` per position). 0 (default): every position up to
+            :data:`mha2mla.value_path.OUTPUT_FIT_FULL_FEATURES` features ``n_heads·rank`` (joint fit), above it every k-th with ``k = round((n_heads·rank / 1024)²)``, which
+            holds the moments' cost per layer near the 1024-feature one. SmolLM2 32+32 at stride 2 saved ~5 s but
+            lost quality; 160+32 (1440 features, so k = 2) 26.37 → 26.51 ppl for ~13 s.
         sequential: calibrate each layer on the inputs the already converted layers below it produce (statistics, and
             the output fit's inputs and targets: the source layer applied to those inputs).
         attention_weighted_keys: the key side (latent and shared rope key) is fitted under the key-input second moment
@@ -143,6 +146,13 @@ class Method:
             residual stream: the MLP's many hidden features take back drift the small latent cannot. The written
             checkpoint's ``down_proj`` weights then differ from the source's. 0: off (SmolLM2 32+32, trial runs
             without the last layer's refit: 0 → 74.9 ppl, 0.2 → 68.0, 0.4 → 68.5, 0.8 → 73.6).
+        drift_below_share: the drift corrections (``drift_correction``, ``mlp_drift``) and the source model's stream
+            they read are used only where the latent is narrower than this share of the source's key width
+            (``rank < drift_below_share · n_kv · head_dim``; ``inf``: always, 0: never). Below it the attention cannot
+            keep the residual stream on the source's and the corrections pay; above it they were not measurably useful
+            and cost a second stream and the MLP refit (~1.7 s of ~7 s per SmolLM2 layer). SmolLM2 (key width 192),
+            ppl without / with them: 160+32 26.44 / 26.37, 96+32 (MLP refit only) 30.63 / 30.37, 64+32 (MLP refit
+            only) 38.08 / 37.32, 32+32 (drift correction) 88.5 / 74.9 in an earlier session.
         source_sequences: the source model's own stream (for ``drift_correction`` and ``mlp_drift``) is carried for
             the first this many calibration sequences only (rounded up to whole batches of 8; 0: all): the drift
             targets and the MLP refit's moments are measured on those, the converted stream still moves on all.
@@ -164,7 +174,7 @@ class Method:
     value_refit: bool = True
     alternating: int = 3
     output_fit: bool = True
-    output_fit_stride: int = 1
+    output_fit_stride: int = 0
     sequential: bool = True
     attention_weighted_keys: bool = True
     context_sequences: int = 0
@@ -173,6 +183,7 @@ class Method:
     query_fit_sequences: int = 2
     drift_correction: float = 0.4
     mlp_drift: float = 0.4
+    drift_below_share: float = 0.5
     source_sequences: int = 32
     mlp_dtype: str = "auto"
 
@@ -187,7 +198,10 @@ class Method:
                 raise ValueError(f"method switch {item!r}: expected NAME=VALUE with NAME one of "
                                  f"{', '.join(cls.__dataclass_fields__)}")
             kind = type(getattr(cls(), key))
-            kw[key] = val.lower() not in ("0", "false", "no") if kind is bool else kind(val)
+            try:
+                kw[key] = val.lower() not in ("0", "false", "no") if kind is bool else kind(val)
+            except ValueError:
+                raise ValueError(f"method switch {item!r}: {key} takes a {kind.__name__}, got {val!r}") from None
         return cls(**kw)
 
     def __post_init__(self):
@@ -195,6 +209,10 @@ class Method:
             raise ValueError(f"Method.mlp_dtype must be 'auto', 'float32' or 'bfloat16', got {self.mlp_dtype!r}")
         if self.context_stride < 1:
             raise ValueError(f"Method.context_stride must be ≥ 1, got {self.context_stride}")
+        if self.output_fit_stride < 0:
+            raise ValueError(f"Method.output_fit_stride must be ≥ 0 (0: chosen from the fit's size), got {self.output_fit_stride}")
+        if not self.drift_below_share >= 0:
+            raise ValueError(f"Method.drift_below_share must be ≥ 0 (inf: always), got {self.drift_below_share}")
         for name in ("context_sequences", "source_sequences"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Method.{name} must be ≥ 0 (0: all sequences), got {getattr(self, name)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from mha2mla.cli import user_errors
@@ -25,17 +27,27 @@ from mha2mla.cli import user_errors
 @click.option("--mlp-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Precision of the MLP forwards that move the calibration streams (auto: bfloat16 where the CPU/GPU "
                    "multiplies it natively, ~3x faster there; float32 for exact full-rank checks).")
+@click.option("--method", "method_spec", default="", metavar="SPEC",
+              help="Calibrated ingredients for ablations, comma-separated NAME=VALUE switches of mha2mla.attention.Method, "
+                   "e.g. 'drift_below_share=inf,output_fit_stride=1' (the slowest, most thorough settings).")
 @click.option("--report", is_flag=True, help="Also write mha2mla-report.png (error per layer, energy vs rank).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, calibration, calibration_samples, calibration_length,
-                device, dtype, max_shard_size, keep_mlp, mlp_dtype, report, force, quiet):
+                device, dtype, max_shard_size, keep_mlp, mlp_dtype, method_spec, report, force, quiet):
     """Convert SOURCE (HF directory, hub id or .gguf file) into a native DeepseekV3 MLA checkpoint."""
     from mha2mla.attention import Method
     from mha2mla.conversion import convert
 
-    method = Method(mlp_drift=0.0 if keep_mlp else Method.mlp_drift, mlp_dtype=mlp_dtype)
+    try:
+        method = Method.from_spec(method_spec)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--method") from None
+    if keep_mlp:
+        method = dataclasses.replace(method, mlp_drift=0.0)
+    if mlp_dtype != "auto":
+        method = dataclasses.replace(method, mlp_dtype=mlp_dtype)
     res = convert(method=method, source=source, output=output, rank=rank, kv_budget=kv_budget, rope_dim=rope_dim, rope_stride=rope_stride,
                   calibration=calibration, calibration_samples=calibration_samples,
                   calibration_length=calibration_length, dtype=dtype, force=force, max_shard_size=max_shard_size,
@@ -47,6 +59,9 @@ def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, calibrat
     if budget:
         click.echo(f"--kv-budget {budget['budget']}: chose {budget['chosen']} ({budget['why']}; "
                    f"measured {budget['mean_attention_output_rel_error']})")
+    drift = ((res.record.get("calibration") or {}).get("propagation") or {}).get("drift")
+    if drift:
+        click.echo(f"drift corrections {drift} (--method drift_below_share=inf keeps them)")
     click.echo(f"KV cache per token per layer: {kv['source_values_per_token_per_layer']} -> "
                f"{kv['mla_values_per_token_per_layer']} values ({kv['saving'] * 100:.1f} % saved)")
     click.echo(f"mean relative error: keys {res.record['mean_k_rel_error']:.4f}, values {res.record['mean_v_rel_error']:.4f}")

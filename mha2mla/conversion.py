@@ -24,8 +24,8 @@ from mha2mla.query_fit import fit_queries, query_weight_name, source_log_probs
 from mha2mla.record import write_model_card, write_record
 from mha2mla.source import TOKENIZER_FILES, SourceModel, load_source
 from mha2mla.target_config import deepseek_v3_config
-from mha2mla.value_path import (JOINT_MAX_FEATURES, HeadwiseValueFit, ValuePathFit, value_path_prior, with_head_values,
-                                with_value_path)
+from mha2mla.value_path import (JOINT_MAX_FEATURES, HeadwiseValueFit, ValuePathFit, moment_stride, value_path_prior,
+                                with_head_values, with_value_path)
 from mha2mla.writer import ShardWriter, atomic_output_dir, parse_size
 
 __all__ = ["convert", "ConversionResult"]
@@ -139,11 +139,23 @@ def _joint_fit(plan: ConversionPlan) -> bool:
     return plan.n_heads * plan.rank <= JOINT_MAX_FEATURES
 
 
+def _output_fit_stride(method: Method, plan: ConversionPlan) -> int:
+    """The output fit's query-position stride: ``Method.output_fit_stride``, or chosen from the joint fit's size."""
+    if method.output_fit_stride > 0:
+        return method.output_fit_stride
+    return moment_stride(features=plan.n_heads * plan.rank) if _joint_fit(plan) else 1
+
+
+def _drift_applies(method: Method, plan: ConversionPlan) -> bool:
+    """Whether the latent is narrow enough for the drift corrections (``Method.drift_below_share``)."""
+    return plan.rank < method.drift_below_share * plan.n_kv * plan.head_dim
+
+
 def _tracks_source(method: Method, plan: ConversionPlan) -> bool:
     """Whether the source model's own hidden states are carried beside the converted ones: for the output fit's drift
-    correction (joint fit only) or the MLP refit, both of sequential conversion."""
+    correction (joint fit only) or the MLP refit, both of sequential conversion, where the latent is narrow enough."""
     attention = method.drift_correction > 0 and method.output_fit and _joint_fit(plan)
-    return method.sequential and (attention or method.mlp_drift > 0)
+    return method.sequential and (attention or method.mlp_drift > 0) and _drift_applies(method, plan)
 
 
 def _mlp_dtype(method: Method, device: torch.device) -> torch.dtype:
@@ -425,6 +437,12 @@ def convert(
                            mlp_dtype=mlp_dtype)
         calib_info["propagation"] = {"tracks_source": prop.tracks_source,
                                      "mlp_dtype": str(mlp_dtype).removeprefix("torch.")}
+        if not _drift_applies(method, plan):
+            calib_info["propagation"]["drift"] = (
+                f"off: rank {plan.rank} ≥ drift_below_share {method.drift_below_share:g} × the source's key width "
+                f"{plan.n_kv * plan.head_dim} (n_kv·head_dim)")
+        if method.output_fit:
+            calib_info["output_fit_stride"] = _output_fit_stride(method, plan)
     shard_bytes = parse_size(max_shard_size)
     compute = _compute_dtype(plan.hidden)
     out_dt = plan.torch_dtype
@@ -459,7 +477,7 @@ def convert(
                     new, st.query_kl_before, st.query_kl_after = _fit_queries(prop, i, plan, attn, new, calib, method)
                 if method.output_fit:
                     new, st.output_fit_rel_error, outputs, src_outputs = _fit_output(
-                        prop, i, plan, attn, new, calib, method.output_fit_stride, method.drift_correction)
+                        prop, i, plan, attn, new, calib, _output_fit_stride(method, plan), method.drift_correction)
                 mlp_drift = method.mlp_drift if prop.tracks_source else 0.0
                 last = i == plan.n_layers - 1  # (nothing reads the hidden states past it: advance only refits)
                 if not method.sequential:

@@ -21,8 +21,21 @@ from mha2mla.factorize import svd_via_gram
 from mha2mla.moments import add_lower_gram, symmetric_from_lower
 from mha2mla.plan import ConversionPlan
 
-__all__ = ["JOINT_MAX_FEATURES", "HeadwiseValueFit", "ValuePathFit", "factor_heads", "value_path_prior", "with_head_values",
+__all__ = ["JOINT_MAX_FEATURES", "OUTPUT_FIT_FULL_FEATURES", "HeadwiseValueFit", "ValuePathFit", "factor_heads", "moment_stride", "value_path_prior", "with_head_values",
            "with_value_path"]
+
+
+# Up to this many features (heads × rank) the joint fit's moments read every query position; above it every k-th
+# (moment_stride), so that their cost per layer, which grows with features² per position, stays near this size's.
+OUTPUT_FIT_FULL_FEATURES = 1024
+
+
+def moment_stride(*, features: int) -> int:
+    """The query-position stride for the joint fit's moments: 1 up to :data:`OUTPUT_FIT_FULL_FEATURES` features, else
+    ``round((features / OUTPUT_FIT_FULL_FEATURES)²)`` (SmolLM2 160+32: 1440 features → 2)."""
+    if features < 1:
+        raise ValueError(f"features must be ≥ 1, got {features}")
+    return max(1, round((features / OUTPUT_FIT_FULL_FEATURES) ** 2))
 
 
 class ValuePathFit:

@@ -527,3 +527,87 @@ def test_method_from_spec_parses_every_field_kind_and_rejects_unknown_names():
         Method.from_spec("qfit=3")
     with pytest.raises(ValueError, match="mlp_dtype must be"):
         Method.from_spec("mlp_dtype=half")
+
+
+def test_moment_stride_holds_the_joint_fits_cost_near_its_full_size():
+    from mha2mla.value_path import OUTPUT_FIT_FULL_FEATURES, moment_stride
+
+    assert OUTPUT_FIT_FULL_FEATURES == 1024
+    # SmolLM2: 9 heads × 32 / 64 / 96 / 160 latent → every position up to 96, every 2nd at 160 (1440 features)
+    assert [moment_stride(features=9 * r) for r in (32, 64, 96, 160)] == [1, 1, 1, 2]
+    assert [moment_stride(features=f) for f in (1, 1024, 2048, 4096)] == [1, 1, 4, 16]  # ~(features/1024)²
+    with pytest.raises(ValueError, match="features must be ≥ 1, got 0"):
+        moment_stride(features=0)
+
+
+def test_drift_corrections_run_only_where_the_latent_is_narrow(tiny_source, tmp_path):
+    import dataclasses
+
+    src = tiny_source(n_kv=2, head_dim=16, seed=7, layers=2)  # key width n_kv·head_dim = 32: drift below rank 16
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    kw = dict(rope_dim=8, progress=False, calibration=str(corpus), calibration_samples=8, calibration_length=32)
+    runs = {"narrow": (15, Method()), "wide": (16, Method()),
+            "forced": (16, dataclasses.replace(Method(), drift_below_share=float("inf")))}
+    for name, (rank, method) in runs.items():
+        res = mha2mla.convert(source=src, output=str(tmp_path / name), rank=rank, method=method, **kw)
+        prop = res.record["calibration"]["propagation"]
+        changes = [x["mlp_down_rel_change"] for x in res.record["layers"]]
+        corrected = "drift that the layers below" in (tmp_path / name / "README.md").read_text()
+        if name == "wide":
+            assert not prop["tracks_source"] and changes == [None, None] and not corrected
+            assert prop["drift"] == "off: rank 16 ≥ drift_below_share 0.5 × the source's key width 32 (n_kv·head_dim)"
+        else:
+            assert prop["tracks_source"] and all(c > 1e-4 for c in changes) and corrected
+            assert "drift" not in prop
+    with pytest.raises(ValueError, match=r"drift_below_share must be ≥ 0 \(inf: always\), got -1"):
+        Method(drift_below_share=-1)
+
+
+def test_output_fit_stride_is_chosen_from_the_joint_fits_size(tiny_source, tmp_path, monkeypatch):
+    import mha2mla.value_path as value_path
+    from safetensors.torch import load_file
+
+    src = tiny_source(n_kv=2, head_dim=16, seed=7, layers=2)  # 4 heads
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    kw = dict(rank=8, rope_dim=8, progress=False, calibration=str(corpus), calibration_samples=8, calibration_length=32)
+    res = mha2mla.convert(source=src, output=str(tmp_path / "full"), **kw)
+    assert res.record["calibration"]["output_fit_stride"] == 1  # 32 features
+    monkeypatch.setattr(value_path, "OUTPUT_FIT_FULL_FEATURES", 16)  # 32 features are now twice the full size: every 4th
+    auto = mha2mla.convert(source=src, output=str(tmp_path / "auto"), **kw)
+    assert auto.record["calibration"]["output_fit_stride"] == 4
+    pinned = mha2mla.convert(source=src, output=str(tmp_path / "pinned"), method=Method(output_fit_stride=4), **kw)
+    weights = {n: {k: v for f in sorted((tmp_path / n).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+               for n in ("full", "auto", "pinned")}
+    assert weights["auto"].keys() == weights["pinned"].keys()
+    assert all(torch.equal(weights["auto"][k], weights["pinned"][k]) for k in weights["auto"])
+    assert not torch.equal(weights["auto"]["model.layers.0.self_attn.o_proj.weight"],
+                           weights["full"]["model.layers.0.self_attn.o_proj.weight"])
+    assert pinned.record["calibration"]["output_fit_stride"] == 4
+
+
+def test_cli_method_switches_reach_the_record_and_bad_ones_fail_in_one_line(tiny_source, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mha2mla.cli import main
+
+    src = tiny_source(n_kv=2, head_dim=16, seed=7, layers=1)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    base = ["convert", src, "--rank", "16", "--rope-dim", "8", "-q", "--calibration", str(corpus),
+            "--calibration-samples", "8", "--calibration-length", "32"]
+    res = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "a"), "--method", "drift_below_share=inf,output_fit_stride=2"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "a" / "mha2mla.json").read_text())
+    assert record["calibration"]["method"]["drift_below_share"] == float("inf")
+    assert record["calibration"]["propagation"]["tracks_source"] and record["calibration"]["output_fit_stride"] == 2
+    res = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "b")])
+    assert res.exit_code == 0 and "drift corrections off: rank 16 ≥ drift_below_share 0.5" in res.output, res.output
+    for spec, message in (("qfit=3", "method switch 'qfit=3': expected NAME=VALUE with NAME one of"),
+                          ("drift_below_share=x", "method switch 'drift_below_share=x': drift_below_share takes a float, got 'x'")):
+        res = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "c"), "--method", spec])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "c").exists()
