@@ -149,10 +149,11 @@ class Method:
         drift_below_share: the drift corrections (``drift_correction``, ``mlp_drift``) and the source model's stream
             they read are used only where the latent is narrower than this share of the source's key width
             (``rank < drift_below_share · n_kv · head_dim``; ``inf``: always, 0: never). Below it the attention cannot
-            keep the residual stream on the source's and the corrections pay; above it they were not measurably useful
-            and cost a second stream and the MLP refit (~1.7 s of ~7 s per SmolLM2 layer). SmolLM2 (key width 192),
-            ppl without / with them: 160+32 26.44 / 26.37, 96+32 (MLP refit only) 30.63 / 30.37, 64+32 (MLP refit
-            only) 38.08 / 37.32, 32+32 (drift correction) 88.5 / 74.9 in an earlier session.
+            keep the residual stream on the source's and the corrections pay; from it on they gained little for a second
+            stream and the MLP refit (~1.7 s of ~7 s per SmolLM2 layer, which puts 96+32 within 3 minutes on 2 AVX2
+            cores). SmolLM2 (key width 192),
+            ppl without / with them: 160+32 26.44 / 26.37, 96+32 31.64 / 30.37, 64+32 41.13 / 37.32 (the MLP refit
+            alone: 38.08 / 37.32), 32+32 (the drift correction alone, an earlier session) 88.5 / 74.9.
         source_sequences: the source model's own stream (for ``drift_correction`` and ``mlp_drift``) is carried for
             the first this many calibration sequences only (rounded up to whole batches of 8; 0: all): the drift
             targets and the MLP refit's moments are measured on those, the converted stream still moves on all.

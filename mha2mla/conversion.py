@@ -151,11 +151,17 @@ def _drift_applies(method: Method, plan: ConversionPlan) -> bool:
     return plan.rank < method.drift_below_share * plan.n_kv * plan.head_dim
 
 
-def _tracks_source(method: Method, plan: ConversionPlan) -> bool:
-    """Whether the source model's own hidden states are carried beside the converted ones: for the output fit's drift
-    correction (joint fit only) or the MLP refit, both of sequential conversion, where the latent is narrow enough."""
+def _drift_asked(method: Method, plan: ConversionPlan) -> bool:
+    """Whether the method asks for a drift correction: the output fit's (joint fit only) or the MLP refit, both of
+    sequential conversion."""
     attention = method.drift_correction > 0 and method.output_fit and _joint_fit(plan)
-    return method.sequential and (attention or method.mlp_drift > 0) and _drift_applies(method, plan)
+    return method.sequential and (attention or method.mlp_drift > 0)
+
+
+def _tracks_source(method: Method, plan: ConversionPlan) -> bool:
+    """Whether the source model's own hidden states are carried beside the converted ones: for the drift corrections
+    asked for, where the latent is narrow enough."""
+    return _drift_asked(method, plan) and _drift_applies(method, plan)
 
 
 def _mlp_dtype(method: Method, device: torch.device) -> torch.dtype:
@@ -437,7 +443,7 @@ def convert(
                            mlp_dtype=mlp_dtype)
         calib_info["propagation"] = {"tracks_source": prop.tracks_source,
                                      "mlp_dtype": str(mlp_dtype).removeprefix("torch.")}
-        if not _drift_applies(method, plan):
+        if _drift_asked(method, plan) and not _drift_applies(method, plan):
             calib_info["propagation"]["drift"] = (
                 f"off: rank {plan.rank} ≥ drift_below_share {method.drift_below_share:g} × the source's key width "
                 f"{plan.n_kv * plan.head_dim} (n_kv·head_dim)")

@@ -560,6 +560,8 @@ def test_drift_corrections_run_only_where_the_latent_is_narrow(tiny_source, tmp_
         else:
             assert prop["tracks_source"] and all(c > 1e-4 for c in changes) and corrected
             assert "drift" not in prop
+    off = mha2mla.convert(source=src, output=str(tmp_path / "off"), rank=16, method=Method(mlp_drift=0, drift_correction=0), **kw)
+    assert "drift" not in off.record["calibration"]["propagation"]  # (none was asked for: nothing to explain)
     with pytest.raises(ValueError, match=r"drift_below_share must be ≥ 0 \(inf: always\), got -1"):
         Method(drift_below_share=-1)
 
