@@ -121,9 +121,10 @@ class Method:
             (:mod:`mha2mla.value_path`).
         output_fit_stride: the output fit's moments use every k-th query position (its cost grows with
             ``(n_heads·rank)²`` per position). 0 (default): every position up to
-            :data:`mha2mla.value_path.OUTPUT_FIT_FULL_FEATURES` features ``n_heads·rank`` (joint fit), above it every k-th with ``k = round((n_heads·rank / 1024)²)``, which
-            holds the moments' cost per layer near the 1024-feature one. SmolLM2 32+32 at stride 2 saved ~5 s but
-            lost quality; 160+32 (1440 features, so k = 2) 26.37 → 26.51 ppl for ~13 s.
+            :data:`mha2mla.value_path.OUTPUT_FIT_FULL_FEATURES` (1024) features ``n_heads·rank`` of the joint fit,
+            above it every k-th with ``k = round((n_heads·rank / 1024)²)``, which holds the moments' cost per layer
+            near the 1024-feature one. SmolLM2 32+32 at stride 2 saved ~5 s but lost quality; 160+32 (1440
+            features, so k = 2) 26.37 → 26.51 ppl for ~13 s.
         sequential: calibrate each layer on the inputs the already converted layers below it produce (statistics, and
             the output fit's inputs and targets: the source layer applied to those inputs).
         attention_weighted_keys: the key side (latent and shared rope key) is fitted under the key-input second moment
@@ -149,11 +150,11 @@ class Method:
         drift_below_share: the drift corrections (``drift_correction``, ``mlp_drift``) and the source model's stream
             they read are used only where the latent is narrower than this share of the source's key width
             (``rank < drift_below_share · n_kv · head_dim``; ``inf``: always, 0: never). Below it the attention cannot
-            keep the residual stream on the source's and the corrections pay; from it on they gained little for a second
-            stream and the MLP refit (~1.7 s of ~7 s per SmolLM2 layer, which puts 96+32 within 3 minutes on 2 AVX2
-            cores). SmolLM2 (key width 192),
-            ppl without / with them: 160+32 26.44 / 26.37, 96+32 31.64 / 30.37, 64+32 41.13 / 37.32 (the MLP refit
-            alone: 38.08 / 37.32), 32+32 (the drift correction alone, an earlier session) 88.5 / 74.9.
+            keep the residual stream on the source's and the corrections pay; from it on they gained little for a
+            second stream and the MLP refit (~1.7 s of ~7 s per SmolLM2 layer, which puts 96+32 within 3 minutes on
+            2 AVX2 cores). SmolLM2 (key width 192), ppl without / with them: 160+32 26.44 / 26.37, 96+32 31.64 /
+            30.37, 64+32 41.13 / 37.32 (the MLP refit alone: 38.08 / 37.32), 32+32 (the drift correction alone, an
+            earlier session) 88.5 / 74.9.
         source_sequences: the source model's own stream (for ``drift_correction`` and ``mlp_drift``) is carried for
             the first this many calibration sequences only (rounded up to whole batches of 8; 0: all): the drift
             targets and the MLP refit's moments are measured on those, the converted stream still moves on all.
@@ -211,7 +212,8 @@ class Method:
         if self.context_stride < 1:
             raise ValueError(f"Method.context_stride must be ≥ 1, got {self.context_stride}")
         if self.output_fit_stride < 0:
-            raise ValueError(f"Method.output_fit_stride must be ≥ 0 (0: chosen from the fit's size), got {self.output_fit_stride}")
+            raise ValueError(f"Method.output_fit_stride must be ≥ 0 (0: chosen from the fit's size), "
+                             f"got {self.output_fit_stride}")
         if not self.drift_below_share >= 0:
             raise ValueError(f"Method.drift_below_share must be ≥ 0 (inf: always), got {self.drift_below_share}")
         for name in ("context_sequences", "source_sequences"):

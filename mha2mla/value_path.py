@@ -21,8 +21,8 @@ from mha2mla.factorize import svd_via_gram
 from mha2mla.moments import add_lower_gram, symmetric_from_lower
 from mha2mla.plan import ConversionPlan
 
-__all__ = ["JOINT_MAX_FEATURES", "OUTPUT_FIT_FULL_FEATURES", "HeadwiseValueFit", "ValuePathFit", "factor_heads", "moment_stride", "value_path_prior", "with_head_values",
-           "with_value_path"]
+__all__ = ["JOINT_MAX_FEATURES", "OUTPUT_FIT_FULL_FEATURES", "HeadwiseValueFit", "ValuePathFit", "factor_heads",
+           "moment_stride", "value_path_prior", "with_head_values", "with_value_path"]
 
 
 # Up to this many features (heads × rank) the joint fit's moments read every query position; above it every k-th
