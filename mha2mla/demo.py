@@ -69,8 +69,10 @@ def run_demo(*, source: str | None, output: str, rank: int, rope_dim: int | None
     """Convert ``source`` (default: SmolLM2-135M), then report KV saving and perplexity before/after.
 
     Calibrates on Wikipedia articles (or ``calibration``) unless ``data_free``, on ``samples`` sequences of ``length``
-    tokens (SmolLM2 96+32: 16 × 512 gave ppl 35.2 in 131–154 s over two sessions, 32 × 256 38.3 in 99 s, 2 CPU
-    cores); perplexity is measured on held-out Wikipedia articles (4096 tokens, windows of 512).
+    tokens (SmolLM2 96+32 on 2 AVX2 cores: 16 × 512 gave ppl 37.65 in 140 s, 36.94 in 153 s with the drift corrections
+    that the defaults leave off at this rank, `Method.drift_below_share`; earlier sessions' defaults 35.2 in 131–154 s
+    on faster hours, 32 × 256 38.3 in 99 s); perplexity is measured on held-out Wikipedia articles (4096 tokens,
+    windows of 512).
 
     Returns:
         ``{"source", "output", "kv", "tokens", "ppl_source", "ppl_converted", "portable", "calibration"}``.
