@@ -33,10 +33,12 @@ if [[ $WHAT == all || $WHAT == ablation ]]; then
   $AB --label "-value-refit " --method value_refit=0,alternating=0,$PRE --out benchmarks/results/ablation-10.json
   $AB --label "+context-ALS latent " --method $PRE --out benchmarks/results/ablation-11.json
   # row 12 (96 x 256 tokens, query fit off), row 13 (+ query fit), row 14 (+ drift correction of the output fit),
-  # row 15 (+ MLP refit) at that session's sequence settings; row 16 (48 x 512 tokens: the default) is the main table's
+  # row 15 (+ MLP refit) at that session's sequence settings (the drift corrections forced on: the defaults now leave
+  # them off at 96+32); row 16 (48 x 512 tokens) with them, row 17 (the default, without them) is the main table's
   OLD="$Q --calibration $CAL --calibration-samples 96 --calibration-length 256 --budgets 96+32"
-  SEQ=context_sequences=32,query_fit_sequences=4
+  SEQ=context_sequences=32,query_fit_sequences=4,drift_below_share=inf
   $OLD --label "+query-fit " --method drift_correction=0,mlp_drift=0,$SEQ --out benchmarks/results/ablation-13.json
   $OLD --label "+drift-correction " --method mlp_drift=0,$SEQ --out benchmarks/results/ablation-14.json
   $OLD --label "+mlp-refit " --method $SEQ --out benchmarks/results/ablation-15.json
+  $Q --calibration "$CAL" --budgets 96+32 --label "48x512 " --method drift_below_share=inf --out benchmarks/results/ablation-16.json
 fi
