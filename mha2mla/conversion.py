@@ -422,7 +422,8 @@ def convert(
             length = max_pos  # calibrate within the context the source was trained for
         tokens = calibration_tokens(source=src, data=calibration, samples=calibration_samples, length=length)
         calib_info = {"tokens": int(tokens.numel()), "samples": calibration_samples, "length": length,
-                      "method": asdict(method)}
+                      "method": {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v  # (strict JSON)
+                                 for k, v in asdict(method).items()}}
         if length != calibration_length:
             calib_info["length_requested"] = calibration_length
         choose_stride = rope_stride is None and src.rope["rope_type"] == "default"
