@@ -124,7 +124,7 @@ class Method:
             :data:`mha2mla.value_path.OUTPUT_FIT_FULL_FEATURES` (1024) features ``n_heads·rank`` of the joint fit,
             above it every k-th with ``k = round((n_heads·rank / 1024)²)``, which holds the moments' cost per layer
             near the 1024-feature one. SmolLM2 32+32 at stride 2 saved ~5 s but lost quality; 160+32 (1440
-            features, so k = 2) 26.37 → 26.51 ppl for ~13 s.
+            features, so k = 2) 26.37 → 26.51 ppl, an estimated ~11 s less (half the moments' 0.74 s per layer).
         sequential: calibrate each layer on the inputs the already converted layers below it produce (statistics, and
             the output fit's inputs and targets: the source layer applied to those inputs).
         attention_weighted_keys: the key side (latent and shared rope key) is fitted under the key-input second moment
@@ -151,10 +151,10 @@ class Method:
             they read are used only where the latent is narrower than this share of the source's key width
             (``rank < drift_below_share · n_kv · head_dim``; ``inf``: always, 0: never). Below it the attention cannot
             keep the residual stream on the source's and the corrections pay; from it on they gained little for a
-            second stream and the MLP refit (~1.7 s of ~7 s per SmolLM2 layer, which puts 96+32 within 3 minutes on
-            2 AVX2 cores). SmolLM2 (key width 192), ppl without / with them: 160+32 26.44 / 26.37, 96+32 31.64 /
-            30.37, 64+32 41.13 / 37.32 (the MLP refit alone: 38.08 / 37.32), 32+32 (the drift correction alone, an
-            earlier session) 88.5 / 74.9.
+            second stream and the MLP refit (6-layer SmolLM2 at 160+32: 8.3 → 5.5 s per layer without them; this puts
+            96+32 within 3 minutes on 2 AVX2 cores). SmolLM2 (key width 192), ppl without / with them: 160+32
+            26.44 / 26.37, 96+32 31.64 / 30.37, 64+32 41.13 / 37.32 (the MLP refit alone: 38.08 / 37.32), 32+32 (the
+            drift correction alone, an earlier session) 88.5 / 74.9.
         source_sequences: the source model's own stream (for ``drift_correction`` and ``mlp_drift``) is carried for
             the first this many calibration sequences only (rounded up to whole batches of 8; 0: all): the drift
             targets and the MLP refit's moments are measured on those, the converted stream still moves on all.

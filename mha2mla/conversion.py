@@ -448,8 +448,9 @@ def convert(
             calib_info["propagation"]["drift"] = (
                 f"off: rank {plan.rank} ≥ drift_below_share {method.drift_below_share:g} × the source's key width "
                 f"{plan.n_kv * plan.head_dim} (n_kv·head_dim)")
+        fit_stride = _output_fit_stride(method, plan)
         if method.output_fit:
-            calib_info["output_fit_stride"] = _output_fit_stride(method, plan)
+            calib_info["output_fit_stride"] = fit_stride
     shard_bytes = parse_size(max_shard_size)
     compute = _compute_dtype(plan.hidden)
     out_dt = plan.torch_dtype
@@ -484,7 +485,7 @@ def convert(
                     new, st.query_kl_before, st.query_kl_after = _fit_queries(prop, i, plan, attn, new, calib, method)
                 if method.output_fit:
                     new, st.output_fit_rel_error, outputs, src_outputs = _fit_output(
-                        prop, i, plan, attn, new, calib, _output_fit_stride(method, plan), method.drift_correction)
+                        prop, i, plan, attn, new, calib, fit_stride, method.drift_correction)
                 mlp_drift = method.mlp_drift if prop.tracks_source else 0.0
                 last = i == plan.n_layers - 1  # (nothing reads the hidden states past it: advance only refits)
                 if not method.sequential:
