@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 import click
@@ -24,13 +25,48 @@ def user_errors(fn):
             click.echo("error: interrupted; no output was written", err=True)
             sys.exit(130)
         except MemoryError:
-            click.echo("error: out of memory; use a machine with more RAM or a smaller --shard-size", err=True)
+            click.echo("error: out of memory; use a machine with more RAM (convert: or a smaller --max-shard-size)",
+                       err=True)
             sys.exit(1)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM takes the Ctrl-C path: cleanup runs, one line, exit 130
+
+
+class _OneLineGroup(click.Group):
+    """A click group whose usage errors are one ``error:`` line (exit 2), like every other user error."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread (embedded use): leave signals alone
+            pass
+        try:
+            return super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare `mha2mla`: show the help
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as e:
+            hint = ""
+            ctx = getattr(e, "ctx", None)
+            if isinstance(e, click.UsageError) and ctx is not None:
+                hint = f" (see '{ctx.command_path} --help')"
+            click.echo(f"error: {e.format_message()}{hint}".replace("\n", " "), err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted; no output was written", err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no output was written", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mha2mla")
 def main() -> None:
     """Convert MHA/GQA checkpoints into native DeepSeek-V3 MLA checkpoints, heal and evaluate them."""
@@ -52,3 +88,6 @@ main.add_command(check)
 from mha2mla.commands_heal import heal_command  # noqa: E402
 
 main.add_command(heal_command)
+from mha2mla.commands_pad import pad_cmd  # noqa: E402
+
+main.add_command(pad_cmd)

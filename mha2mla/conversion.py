@@ -26,7 +26,7 @@ from mha2mla.source import TOKENIZER_FILES, SourceModel, load_source
 from mha2mla.target_config import deepseek_v3_config
 from mha2mla.value_path import (JOINT_MAX_FEATURES, HeadwiseValueFit, ValuePathFit, moment_stride, value_path_prior,
                                 with_head_values, with_value_path)
-from mha2mla.writer import ShardWriter, atomic_output_dir, parse_size
+from mha2mla.writer import ShardWriter, atomic_output_dir, check_output_path, parse_size
 
 __all__ = ["convert", "ConversionResult"]
 
@@ -407,6 +407,10 @@ def convert(
         raise Mha2mlaError("--kv-budget chooses --rope-dim itself; drop --rope-dim (or use --rank)")
     device = _check_device(device) if calibration is not None else torch.device("cpu")
     src = load_source(source)
+    gguf_file = os.path.join(*src.gguf) if src.gguf else None
+    calib_file = calibration if isinstance(calibration, str) and os.path.exists(calibration) else None
+    protect = (("source", src.path), ("source", gguf_file), ("calibration data", calib_file))
+    check_output_path(output, force=force, protect=protect)  # up front: refuse before any expensive work
     budget_info = None
     if kv_budget is not None:
         rope_dim, budget_info = _budget_candidates(src, kv_budget)
@@ -455,7 +459,6 @@ def convert(
     compute = _compute_dtype(plan.hidden)
     out_dt = plan.torch_dtype
     s = plan.residual_scale
-    protect = (src.path,) if src.path else ()
     stats: list[LayerStats] = []
     with atomic_output_dir(os.fspath(output), force=force, protect=protect) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes=shard_bytes)

@@ -10,8 +10,12 @@ A data spec is one of
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import logging
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -21,7 +25,18 @@ from mha2mla.errors import Mha2mlaError
 __all__ = ["load_texts", "pack_tokens", "token_blocks"]
 
 
-def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+def _no_field(where: str, text_field: str, keys, hint: str | None) -> Mha2mlaError:
+    fix = f"pass {hint} to name the text field" if hint else f"put each document's text under {text_field!r}"
+    return Mha2mlaError(f"{where}: no {text_field!r} field (found {sorted(map(str, keys))[:8]}); {fix}")
+
+
+def _text_of(value, where: str, text_field: str) -> str:
+    if not isinstance(value, str):
+        raise Mha2mlaError(f"{where}: the {text_field!r} field is a {type(value).__name__}, not a string")
+    return value
+
+
+def _read_jsonl(path: str, text_field: str, hint: str | None) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -31,15 +46,18 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise Mha2mlaError(f"{path}:{lineno}: not valid JSON ({e.msg}); JSONL needs one object per line") from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise Mha2mlaError(f"{path}:{lineno}: no {text_field!r} field; pass --text-field to name the text column")
-            yield str(row[text_field])
+            if not isinstance(row, dict):
+                raise Mha2mlaError(f"{path}:{lineno}: a JSON {type(row).__name__}, not an object; JSONL needs one "
+                                   f"object per line with the text under {text_field!r}")
+            if text_field not in row:
+                raise _no_field(f"{path}:{lineno}", text_field, row, hint)
+            yield _text_of(row[text_field], f"{path}:{lineno}", text_field)
 
 
-def _read_file(path: str, text_field: str) -> list[str]:
+def _read_file(path: str, text_field: str, hint: str | None) -> list[str]:
     try:
         if path.endswith((".jsonl", ".json")):
-            return list(_read_jsonl(path, text_field))
+            return list(_read_jsonl(path, text_field, hint))
         with open(path, encoding="utf-8") as f:
             return [f.read()]
     except UnicodeDecodeError:
@@ -48,7 +66,7 @@ def _read_file(path: str, text_field: str) -> list[str]:
         raise Mha2mlaError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _load_hf_dataset(spec: str, text_field: str, split: str, max_docs: int | None) -> list[str]:
+def _load_hf_dataset(spec: str, text_field: str, split: str, max_docs: int | None, hint: str | None) -> list[str]:
     name = spec[3:] if spec.startswith("hf:") else spec
     if "@" in name:
         name, split = name.rsplit("@", 1)
@@ -60,12 +78,15 @@ def _load_hf_dataset(spec: str, text_field: str, split: str, max_docs: int | Non
     except ImportError:
         raise Mha2mlaError(f"data {spec!r} is not a local file; loading hub datasets needs `pip install datasets`") from None
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        with _quiet_hub():
+            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+            rows = iter(ds)
+            first = next(rows, None)
         texts = []
-        for row in ds:
+        for row in ([] if first is None else itertools.chain([first], rows)):
             if text_field not in row:
-                raise Mha2mlaError(f"dataset {name!r} has no {text_field!r} column (has {sorted(row)}); pass --text-field")
-            texts.append(str(row[text_field]))
+                raise _no_field(f"dataset {name!r}", text_field, row, hint)
+            texts.append(_text_of(row[text_field], f"dataset {name!r}", text_field))
             if max_docs is not None and len(texts) >= max_docs:
                 break
         return texts
@@ -76,7 +97,24 @@ def _load_hf_dataset(spec: str, text_field: str, split: str, max_docs: int | Non
         raise Mha2mlaError(f"data {spec!r}: not a local file and could not be loaded as a dataset ({first[:200]})") from None
 
 
-def load_texts(spec: str, *, text_field: str = "text", split: str = "train", max_docs: int | None = None) -> list[str]:
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Hold back the hub libraries' warnings and progress bars: a failure is reported as one line by the caller."""
+    names = ("datasets", "huggingface_hub", "fsspec", "urllib3", "filelock")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def load_texts(spec: str, *, text_field: str = "text", split: str = "train", max_docs: int | None = None,
+               field_option: str | None = None) -> list[str]:
     """Load documents from a data spec (see module docstring).
 
     Args:
@@ -84,6 +122,7 @@ def load_texts(spec: str, *, text_field: str = "text", split: str = "train", max
         text_field: JSON key / dataset column holding the text.
         split: dataset split when ``spec`` names a hub dataset.
         max_docs: stop after this many documents (hub datasets are streamed).
+        field_option: the caller's option that names ``text_field`` (e.g. ``--text-field``), for the error message.
 
     Returns:
         The non-empty documents, in a deterministic order.
@@ -96,11 +135,11 @@ def load_texts(spec: str, *, text_field: str = "text", split: str = "train", max
         files = sorted(os.path.join(spec, n) for n in os.listdir(spec) if n.endswith((".txt", ".jsonl", ".json")))
         if not files:
             raise Mha2mlaError(f"{spec}: directory holds no .txt or .jsonl files")
-        texts = [t for p in files for t in _read_file(p, text_field)]
+        texts = [t for p in files for t in _read_file(p, text_field, field_option)]
     elif os.path.exists(spec):
-        texts = _read_file(spec, text_field)
+        texts = _read_file(spec, text_field, field_option)
     elif spec.startswith("hf:") or ("/" in spec and not spec.startswith((".", "/")) and not os.path.splitext(spec)[1]):
-        texts = _load_hf_dataset(spec, text_field, split, max_docs)
+        texts = _load_hf_dataset(spec, text_field, split, max_docs, field_option)
     else:
         raise Mha2mlaError(f"data {spec!r} does not exist; give a .txt/.jsonl file, a directory, or hf:DATASET")
     texts = [t for t in texts if t.strip()]

@@ -29,9 +29,11 @@ from mha2mla.data import token_blocks
 from mha2mla.errors import Mha2mlaError
 from mha2mla.heal_io import finish_output, latest_checkpoint, model_card, read_trainer_state, save_checkpoint
 from mha2mla.heal_io import prepare_tokens, write_loss_plot
-from mha2mla.heal_ops import block_indices, causal_lm_loss, measure_latent_scales, select_trainable
+from mha2mla.heal_ops import activation_bytes, auto_loss_chunk_tokens, block_indices, chunked_lm_loss
+from mha2mla.heal_ops import measure_latent_scales, register_sdpa, select_trainable, split_head
 from mha2mla.heal_ops import to_stock_state_dict, to_training_form
 from mha2mla.recipe import RESUMABLE_CHANGES, HealRecipe, load_recipe, lr_factor
+from mha2mla.writer import _pid_alive, check_output_path
 
 __all__ = ["heal"]
 
@@ -53,16 +55,42 @@ def _make_accelerator(rc: HealRecipe):
                        kwargs_handlers=kwargs)
 
 
-def _load_lm(path: str, what: str, dtype: torch.dtype):
+def _load_lm(path: str, what: str, dtype: torch.dtype, attn: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise Mha2mlaError(f"{what} {path!r} is not a model directory (no config.json)")
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager" if attn == "eager" else None)
+        if attn != "eager":
+            _use_sdpa(model, path, what, required=attn == "sdpa")
+        return model
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise Mha2mlaError(f"{what} {path!r}: cannot load it as a causal LM ({first[:200]})") from None
+
+
+def _use_sdpa(model, path: str, what: str, *, required: bool) -> None:
+    """Switch ``model`` to the padded SDPA attention (heal_ops.SDPA) if its class supports SDPA."""
+    if not getattr(model, "_supports_sdpa", False):
+        if required:
+            raise Mha2mlaError(f"attn_implementation: sdpa, but the {what} {path!r} ({type(model).__name__}) does not support it")
+        return
+    model.set_attn_implementation(register_sdpa())
+
+
+def _memory_plan(rc: HealRecipe, net, device: torch.device) -> dict:
+    """The recipe's memory settings with ``auto`` resolved for this model, batch and device."""
+    trainable = sum(p.numel() for p in net.parameters())
+    state = trainable * (net.dtype.itemsize * 2 + 8)  # weights and gradients in the training dtype, AdamW's 2 fp32 moments
+    act = activation_bytes(net.config, tokens=rc.tokens_per_micro_batch,
+                           bytes_per_value=2 if rc.mixed_precision == "bf16" or rc.dtype == "bfloat16" else 4)
+    gc = rc.gradient_checkpointing
+    if gc == "auto":
+        gc = bool(getattr(net, "supports_gradient_checkpointing", False)) and act > state
+    chunk = rc.loss_chunk_tokens or auto_loss_chunk_tokens(_vocab(net))
+    return {"gradient_checkpointing": bool(gc), "estimated_activation_bytes": act, "training_state_bytes": state,
+            "attn_implementation": net.config._attn_implementation, "loss_chunk_tokens": chunk}
 
 
 def _load_tokenizer(path: str, what: str):
@@ -94,6 +122,10 @@ def _check_teacher(teacher, teacher_path: str, student, tokenizer) -> None:
             raise Mha2mlaError(f"teacher {teacher_path!r} has a different tokenizer ({n} tokens differ); distillation needs the same one")
 
 
+def _local(spec: str | None) -> str | None:
+    return spec if spec is not None and os.path.exists(spec) else None
+
+
 def _abs_if_local(spec: str | None) -> str | None:
     return os.path.abspath(spec) if spec is not None and os.path.exists(spec) else spec
 
@@ -114,14 +146,50 @@ def _prepare_output(output: str, *, resume: bool, force: bool) -> str | None:
     """Apply the overwrite policy; return the checkpoint to resume from, if any."""
     if resume:
         ckpt = latest_checkpoint(output)
-        if ckpt is not None:
-            return ckpt
-        if os.path.exists(output) and os.listdir(output) and not force:
-            raise Mha2mlaError(f"--resume: {output} has no checkpoint (checkpoints/step-N) to resume from; pass --force to start over")
-        logger.warning("--resume: no checkpoint in %s; starting at step 0", output)
-    elif os.path.exists(output) and not force:
+        if ckpt is None:
+            raise Mha2mlaError(f"--resume: {output} has no checkpoint (checkpoints/step-N) to resume from; "
+                               "drop --resume to start a new run")
+        return ckpt
+    if os.path.exists(output) and os.listdir(output) and not force:
         raise Mha2mlaError(f"{output} exists; pass --force to replace it, or --resume to continue its run")
     return None
+
+
+def _check_mla(model_dir: str, given: str) -> None:
+    """Refuse a model that is not an MLA checkpoint: healing a plain Llama would silently write a healed Llama."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise Mha2mlaError(f"model {given!r} is not a model directory (no config.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Mha2mlaError(f"model {given!r}: config.json is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not cfg.get("kv_lora_rank"):
+        kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise Mha2mlaError(f"model {given!r} is a {kind or 'non-MLA'} checkpoint, not an MLA one (no kv_lora_rank); "
+                           "convert it first with mha2mla convert")
+
+
+def _set_aside(output: str) -> str:
+    """Move an existing ``output`` to a hidden sibling (one rename), so a failed run can put it back."""
+    parent, name = os.path.split(output)
+    for n in os.listdir(parent):  # left by a killed run whose process is gone: the newer run's output won
+        if n.startswith(f".{name}{_ASIDE}") and not _pid_alive(_pid_of(n)):
+            shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+    aside = os.path.join(parent, f".{name}{_ASIDE}{os.getpid()}")
+    os.replace(output, aside)
+    return aside
+
+
+_ASIDE = ".mha2mla-replaced-"
+
+
+def _pid_of(name: str) -> int:
+    try:
+        return int(name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def heal(
@@ -140,14 +208,15 @@ def heal(
     """Fine-tune the converted checkpoint ``model`` and write the healed one to ``output``.
 
     Args:
-        model: a converted (DeepseekV3) checkpoint directory; any local causal-LM directory works.
+        model: a converted MLA (DeepseekV3) checkpoint directory (one with ``kv_lora_rank``).
         output: the healed checkpoint directory; its ``checkpoints/`` holds resumable state while it runs.
         data: text/JSONL file, directory, or ``hf:DATASET`` (overrides the recipe's ``data``).
         recipe: YAML path, mapping or :class:`HealRecipe`; None for the defaults.
         teacher: a causal-LM directory with the same tokenizer; adds distillation (overrides the recipe's ``teacher``).
         max_steps: optimizer steps (overrides the recipe).
         resume: continue from the newest checkpoint in ``output/checkpoints`` (same losses as an uninterrupted run).
-        force: replace an existing ``output``.
+        force: replace an existing ``output`` of this tool; it is set aside and restored if the run fails before it
+            has a checkpoint or a model to show.
         on_step: called as ``on_step(step, info)`` after each optimizer step (and after its checkpoint).
         **overrides: any other recipe key, e.g. ``lr=3e-4``; None values are ignored.
 
@@ -168,25 +237,35 @@ def heal(
         raise Mha2mlaError(f"model {os.fspath(model)!r} does not exist or is not a directory")
     if rc.teacher is not None and not os.path.isdir(rc.teacher):
         raise Mha2mlaError(f"teacher {rc.teacher!r} does not exist or is not a directory")
-    for what, path in (("model", model_dir), ("teacher", rc.teacher), ("data", rc.data)):
-        if path is not None and os.path.isabs(path) and os.path.commonpath([output, path]) == output:
-            raise Mha2mlaError(f"--output {output} contains the {what} {path}; give a directory of its own")
+    _check_mla(model_dir, os.fspath(model))
+    # One guard for every command that replaces a directory: never the working or home directory, a root, a
+    # directory we did not write, nor one holding the model, the teacher or the data.
+    check_output_path(output, force=force or resume,
+                      protect=(("model", model_dir), ("teacher", rc.teacher), ("data", _local(rc.data))))
 
     acc = _make_accelerator(rc)
     if not acc.is_main_process:
         logger.setLevel(logging.WARNING)  # one log per run, not one per process
     ckpt = _prepare_output(output, resume=resume, force=force) if acc.is_main_process else None
     ckpt = _broadcast(acc, ckpt)
-    if ckpt is None and force and acc.is_main_process and os.path.exists(output):
-        shutil.rmtree(output)
+    aside = None
+    if ckpt is None and acc.is_main_process and os.path.isdir(output):
+        aside = _set_aside(output)  # --force: the old output stays whole until the new one is written
     acc.wait_for_everyone()
     created = not os.path.exists(output)
     try:
-        return _run(acc, rc, model_dir=model_dir, output=output, ckpt=ckpt, on_step=on_step, t_start=t_start)
+        rec = _run(acc, rc, model_dir=model_dir, output=output, ckpt=ckpt, on_step=on_step, t_start=t_start)
     except BaseException:
-        if created and acc.is_main_process and latest_checkpoint(output) is None:
+        if acc.is_main_process and created and latest_checkpoint(output) is None:
             shutil.rmtree(output, ignore_errors=True)  # nothing worth keeping (at most the token cache)
+            if aside is not None:
+                os.replace(aside, output)  # a failed --force run leaves the old output as it was
+                aside = None
         raise
+    finally:  # the old output goes once the new run has a model or a resumable checkpoint in its place
+        if aside is not None and acc.is_main_process:
+            shutil.rmtree(aside, ignore_errors=True)
+    return rec
 
 
 def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, on_step, t_start: float) -> dict:
@@ -212,29 +291,44 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
     rows_per_step = mbs * ga * procs
     logger.info("data %s: %d blocks of %d tokens; %d steps read %.2f epochs", rc.data, n_blocks, rc.seq_len,
                 rc.max_steps, rc.max_steps * rows_per_step / n_blocks)
-    net = _load_lm(model_dir, "model", _DTYPES[rc.dtype])
+    net = _load_lm(model_dir, "model", _DTYPES[rc.dtype], rc.attn_implementation)
     if _vocab(net) < len(tokenizer):
         raise Mha2mlaError(f"model {model_dir!r} has {_vocab(net)} logits but its tokenizer {len(tokenizer)} tokens")
     save_dtype = getattr(torch, str(cfg_json.get("dtype") or cfg_json.get("torch_dtype") or "float32"), torch.float32)
     teacher_net = None
-    if rc.teacher is not None:
-        t_dtype = torch.bfloat16 if rc.mixed_precision == "bf16" else _DTYPES[rc.dtype]
-        teacher_net = _load_lm(rc.teacher, "teacher", t_dtype).to(acc.device).eval().requires_grad_(False)
+    if rc.teacher is not None:  # inference only: bf16 on a GPU or under bf16 autocast
+        bf16 = rc.mixed_precision == "bf16" or (acc.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        t_dtype = torch.bfloat16 if bf16 else _DTYPES[rc.dtype]
+        teacher_net = _load_lm(rc.teacher, "teacher", t_dtype, rc.attn_implementation)
+        teacher_net = teacher_net.to(acc.device).eval().requires_grad_(False)
         _check_teacher(teacher_net, rc.teacher, net, tokenizer)
     net.to(acc.device)
+    plan = _memory_plan(rc, net, acc.device)
+    # The fused head needs the head's weight outside the model's forward: not under FSDP, which shards it.
+    fuse_head = acc.distributed_type.value != "FSDP"
+    plan["fused_head"] = fuse_head
+    plan["teacher_dtype"] = None if teacher_net is None else str(teacher_net.dtype).removeprefix("torch.")
+    logger.info("memory: gradient checkpointing %s (activations ~%.1f GiB, training state ~%.1f GiB), attention %s, "
+                "loss in chunks of %d tokens%s", "on" if plan["gradient_checkpointing"] else "off",
+                plan["estimated_activation_bytes"] / 2**30, plan["training_state_bytes"] / 2**30,
+                plan["attn_implementation"], plan["loss_chunk_tokens"],
+                "" if teacher_net is None else f", teacher in {plan['teacher_dtype']}")
+    base_net = net
 
     def batch_at(pos: int) -> torch.Tensor:  # this process's rows of global micro-batch `pos`
         idx = block_indices((pos * procs + rank) * mbs, mbs, n_blocks=n_blocks, seed=rc.seed)
         return blocks[idx].to(device=acc.device, dtype=torch.long)
 
-    def losses_on(module, ids: torch.Tensor):
+    def losses_on(module, ids: torch.Tensor):  # the heads are split off: no full-vocabulary logits are made
         with acc.autocast():
-            logits = module(input_ids=ids, use_cache=False).logits
-            t_logits = None
+            t_hidden, t_weight = None, None
             if teacher_net is not None:
-                with torch.no_grad():
-                    t_logits = teacher_net(input_ids=ids, use_cache=False).logits
-        return causal_lm_loss(logits, ids, t_logits, alpha=rc.distill_alpha, temperature=rc.distill_temperature)
+                with torch.inference_mode(), split_head(teacher_net, enabled=fuse_head) as t_weight:
+                    t_hidden = teacher_net(input_ids=ids, use_cache=False).logits
+            with split_head(base_net, enabled=fuse_head) as weight:
+                hidden = module(input_ids=ids, use_cache=False).logits
+            return chunked_lm_loss(hidden, weight, ids, t_hidden, t_weight, alpha=rc.distill_alpha,
+                                   temperature=rc.distill_temperature, chunk_tokens=plan["loss_chunk_tokens"])
 
     if state is None:  # the converted model's loss on the batches of step 0, before any change of form
         net.eval()
@@ -249,7 +343,7 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
     if not select_trainable(net, train=rc.train, freeze_latent_norm=rc.freeze_latent_norm):
         raise Mha2mlaError(f"train: {rc.train!r} selects no parameters of {model_dir!r}")
     use_cache = net.config.use_cache
-    if rc.gradient_checkpointing:
+    if plan["gradient_checkpointing"]:
         if hasattr(net, "activation_checkpointing_enable"):  # the name since transformers 5.x
             net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -336,13 +430,15 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
         **hist, "latent_scales": scales, "trainable_parameters": sum(p.numel() for p in trainable),
         "resumed_from": resumed_from, "recipe": rc.to_dict(), "seconds": round(time.time() - t_start, 1),
         "tokens_per_second": round(tokens_per_second(loop_s), 1) if step > first_step else None,
-        "peak_device_memory_bytes": peak_mem,
+        "peak_device_memory_bytes": peak_mem, "memory": plan,
         "versions": _versions(),
     }
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(net)
-        if rc.gradient_checkpointing:
+        if plan["gradient_checkpointing"]:
             getattr(unwrapped, "activation_checkpointing_disable", unwrapped.gradient_checkpointing_disable)()
+        if unwrapped.config._attn_implementation == register_sdpa():  # the saved model must not need mha2mla
+            unwrapped.set_attn_implementation("sdpa")
         unwrapped.config.use_cache = use_cache
         r = getattr(unwrapped.config, "kv_lora_rank", None) or 0
         stock = _cast(to_stock_state_dict(full, scales, r), save_dtype)

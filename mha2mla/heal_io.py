@@ -61,7 +61,7 @@ def prepare_tokens(accelerator, output: str, *, data: str, tokenizer, text_field
             with open(meta_path, encoding="utf-8") as f:
                 cached = json.load(f)
         if cached is None or {k: cached.get(k) for k in meta} != meta:
-            texts = load_texts(data, text_field=text_field, max_docs=max_docs)
+            texts = load_texts(data, text_field=text_field, max_docs=max_docs, field_option="--text-field")
             parts, left = [], max_tokens
             for i in range(0, len(texts), chunk_docs):  # chunks keep the Python int lists small
                 part = pack_tokens(tokenizer, texts[i : i + chunk_docs], max_tokens=left).to(torch.int32)

@@ -138,6 +138,9 @@ def validate_config(cfg: dict, name: str) -> dict:
     n_kv = cfg.get("num_key_value_heads") or n_heads
     if n_heads % n_kv:
         raise Mha2mlaError(f"{name}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
+    if not cfg.get("head_dim") and cfg["hidden_size"] % n_heads:
+        raise Mha2mlaError(f"{name}: hidden_size {cfg['hidden_size']} is not a multiple of num_attention_heads {n_heads} "
+                           "and config.json gives no head_dim; the config is malformed")
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
     if head_dim % 2:
         raise Mha2mlaError(f"{name}: head_dim {head_dim} is odd; RoPE needs an even head dimension")
@@ -309,6 +312,11 @@ def _check_tensors(src: SourceModel) -> None:
     missing = [n for n in need if not src.has(n)]
     if missing == ["lm_head.weight"]:
         src.tied = True  # some checkpoints omit a tied head even when the flag is unset
-        return
-    if missing:
+    elif missing:
         raise Mha2mlaError(f"source {src.name} lacks {len(missing)} tensor(s) it needs, e.g. {missing[0]!r}; the checkpoint is incomplete")
+    # Anything else would be dropped without a word (e.g. q/k norms, a bias the config does not declare).
+    known = set(need) | {"lm_head.weight"}
+    unknown = [n for n in src.keys() if n not in known and not n.endswith("rotary_emb.inv_freq")]
+    if unknown:
+        raise Mha2mlaError(f"source {src.name} has {len(unknown)} tensor(s) mha2mla does not know how to convert, e.g. "
+                           f"{unknown[0]!r}; converting would drop them (is config.json right for these weights?)")

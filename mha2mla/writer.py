@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from mha2mla.errors import Mha2mlaError
 
-__all__ = ["atomic_output_dir", "ShardWriter", "parse_size"]
+__all__ = ["atomic_output_dir", "check_output_path", "is_our_output", "ShardWriter", "parse_size"]
 
 _TMP_TAG = ".mha2mla-tmp-"
 
@@ -76,8 +76,80 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def is_our_output(path: str) -> bool:
+    """Whether ``path`` looks like a directory this tool wrote: a conversion or heal output (``mha2mla.json``), or a
+    heal run's working state (``checkpoints/step-N/trainer_state.json`` or ``.heal-data``)."""
+    if os.path.isfile(os.path.join(path, "mha2mla.json")) or os.path.isdir(os.path.join(path, ".heal-data")):
+        return True
+    ckpts = os.path.join(path, "checkpoints")
+    return os.path.isdir(ckpts) and any(
+        os.path.isfile(os.path.join(ckpts, n, "trainer_state.json")) for n in os.listdir(ckpts))
+
+
+def _inside(child: str, parent: str) -> bool:
+    """``child`` is ``parent`` or lies below it (both real, absolute paths)."""
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_output_path(output: str | os.PathLike, *, force: bool = False, protect: tuple = (),
+                      flag: str = "--output") -> str:
+    """Refuse an output path that a run could not safely create or replace; return it as an absolute path.
+
+    The one guard of every command that deletes or replaces a directory. It refuses, whatever ``force`` says: an
+    empty path, a filesystem root, the home directory, the working directory or a directory containing it, a path
+    equal to, inside, or containing a ``protect``-ed one (the source model, a teacher, the data), a file, and a
+    non-empty directory that this tool did not write (see :func:`is_our_output`). An existing output of ours is
+    replaced only with ``force``; an empty directory is used as it is.
+
+    Args:
+        output: the directory a command will create or replace.
+        force: the user asked to replace an existing output.
+        protect: paths that must survive the command (compared after resolving links), each a path or a
+            ``(label, path)`` pair; the label (default ``source``) names it in the message.
+        flag: how the user named ``output``, for the messages.
+
+    Returns:
+        ``output`` as an absolute path.
+
+    Raises:
+        Mha2mlaError: the path is refused; nothing on disk was changed.
+    """
+    text = os.fspath(output)
+    if not text.strip():
+        raise Mha2mlaError(f"{flag} is empty; give the path of a new directory")
+    out = os.path.abspath(text)
+    real = os.path.realpath(out)
+    cwd = os.path.realpath(os.getcwd())
+    home = os.path.realpath(os.path.expanduser("~"))
+    if os.path.dirname(real) == real:
+        raise Mha2mlaError(f"{flag} {text} is a filesystem root; give the path of a new directory")
+    if _inside(cwd, real):
+        what = "the working directory" if cwd == real else f"a parent of the working directory {cwd}"
+        raise Mha2mlaError(f"{flag} {text} is {what}; give the path of a new directory")
+    if _inside(home, real):
+        raise Mha2mlaError(f"{flag} {text} is the home directory or contains it; give the path of a new directory")
+    for p in protect:
+        label, p = p if isinstance(p, tuple) else ("source", p)
+        if not p:
+            continue
+        pr = os.path.realpath(os.path.abspath(os.fspath(p)))
+        if _inside(real, pr):
+            raise Mha2mlaError(f"{flag} {text} is inside the {label} directory {pr}; choose a directory elsewhere")
+        if _inside(pr, real):
+            raise Mha2mlaError(f"{flag} {text} contains the {label} {pr}; choose a directory of its own")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise Mha2mlaError(f"{flag} {text} exists and is a file; choose another path")
+    if os.path.isdir(out) and os.listdir(out):
+        if not is_our_output(out):
+            raise Mha2mlaError(f"{flag} {text} is a non-empty directory that mha2mla did not write (no mha2mla.json); "
+                               "refusing to replace it: choose a new path")
+        if not force:
+            raise Mha2mlaError(f"output {text} already exists; pass --force to replace it")
+    return out
+
+
 @contextmanager
-def atomic_output_dir(output: str, *, force: bool = False, protect: tuple[str, ...] = ()) -> Iterator[str]:
+def atomic_output_dir(output: str, *, force: bool = False, protect: tuple = ()) -> Iterator[str]:
     """Yield a temporary directory beside ``output`` that is renamed to ``output`` only if the block succeeds.
 
     Args:
@@ -86,17 +158,9 @@ def atomic_output_dir(output: str, *, force: bool = False, protect: tuple[str, .
         protect: directories that ``output`` must not be, nor lie inside (e.g. the source model).
 
     Raises:
-        Mha2mlaError: ``output`` exists without ``force``, is a file, or lies inside a protected directory.
+        Mha2mlaError: ``output`` is refused by :func:`check_output_path` (checked again here, at the start).
     """
-    out = os.path.abspath(output)
-    for p in protect:
-        p = os.path.abspath(p)
-        if out == p or out.startswith(p.rstrip(os.sep) + os.sep):
-            raise Mha2mlaError(f"output {output} is inside the source directory {p}; choose a directory elsewhere")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise Mha2mlaError(f"output {output} exists and is a file; choose another path")
-    if os.path.isdir(out) and not force:
-        raise Mha2mlaError(f"output {output} already exists; pass --force to replace it")
+    out = check_output_path(output, force=force, protect=protect)
     parent, base = os.path.split(out)
     try:
         os.makedirs(parent, exist_ok=True)

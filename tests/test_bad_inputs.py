@@ -207,14 +207,23 @@ def test_bad_rank_and_rope_dim(base, tmp_path, args, phrase):
     assert line.endswith(f"got {args[-1]}")
 
 
-def test_existing_output_without_force_is_untouched(base, tmp_path):
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_existing_foreign_output_is_untouched(base, tmp_path, force):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    r = _convert(base["src"], out)
-    _assert_user_error(r, "already exists; pass --force to replace it")
+    r = _convert(base["src"], out, *(["--force"] if force else []))
+    _assert_user_error(r, "is a non-empty directory that mha2mla did not write")
     assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
     assert _leftovers(out) == []
+
+
+def test_existing_output_of_ours_needs_force(base, tmp_path):
+    out = tmp_path / "out"
+    assert _convert(base["src"], out).returncode == 0
+    before = {n: os.path.getmtime(out / n) for n in os.listdir(out)}
+    _assert_user_error(_convert(base["src"], out), "already exists; pass --force to replace it")
+    assert {n: os.path.getmtime(out / n) for n in os.listdir(out)} == before and _leftovers(out) == []
 
 
 def test_output_inside_the_source(base, tmp_path):

@@ -191,13 +191,13 @@ def test_bad_options_are_refused_before_writing(tiny_source, tmp_path, kwargs, m
 def test_existing_output_needs_force(tiny_source, tmp_path):
     src = tiny_source(n_kv=2)
     out = tmp_path / "mla"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
+    mha2mla.convert(source=src, output=str(out), rank=8, progress=False)
+    (out / "extra.txt").write_text("from the first run")
     with pytest.raises(Mha2mlaError, match="already exists; pass --force"):
         mha2mla.convert(source=src, output=str(out), rank=8, progress=False)
-    assert (out / "keep.txt").read_text() == "user data"
-    mha2mla.convert(source=src, output=str(out), rank=8, progress=False, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert (out / "extra.txt").read_text() == "from the first run"
+    mha2mla.convert(source=src, output=str(out), rank=4, progress=False, force=True)
+    assert not (out / "extra.txt").exists() and json.load(open(out / "config.json"))["kv_lora_rank"] == 4
 
 
 def test_failure_midway_leaves_nothing(tiny_source, tmp_path, monkeypatch):
