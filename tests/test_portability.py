@@ -111,10 +111,14 @@ def _save(path, **overrides) -> str:
 
 
 def test_check_portable_dir(tmp_path):
-    result = CliRunner().invoke(main, ["check", _save(tmp_path / "m")])
+    shape = dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+    result = CliRunner().invoke(main, ["check", _save(tmp_path / "m", **shape)])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == "PORTABLE"
-    assert "note: kv_lora_rank is 16" in result.output
+    # the same model at 16+8 is served compressed by transformers and SGLang's triton backend only
+    result = CliRunner().invoke(main, ["check", _save(tmp_path / "small")])
+    assert result.exit_code == 1, result.output
+    assert "vLLM (CPU): no: kv_lora_rank + qk_rope_head_dim is 16+8" in result.output
 
 
 def test_check_blocked_dir(tmp_path):
@@ -122,7 +126,10 @@ def test_check_blocked_dir(tmp_path):
     assert result.exit_code == 1, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("NOT PORTABLE")
-    assert sum(line.startswith("- ") for line in lines) == 2
+    engines = [line for line in lines if line.startswith("- ")]
+    assert engines[0] == "- transformers: yes, compressed cache" and len(engines) == 6
+    for line in engines[1:]:  # every serving engine names both blockers
+        assert "bias" in line and "rms_norm_eps is 1e-05" in line
 
 
 def test_check_sharded_dir_uses_index(tmp_path):

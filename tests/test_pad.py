@@ -1,0 +1,146 @@
+"""Exact zero-padding to vLLM's MLA shape (mha2mla.pad, ``mha2mla pad``, ``mha2mla convert --serve vllm``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_json
+from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+from mha2mla.cli import main
+from mha2mla.errors import Mha2mlaError
+from mha2mla.pad import MlaDims, pad_checkpoint, pad_config
+
+
+def _random_mla(path, seed: int = 0, **overrides) -> str:
+    """A tiny random DeepseekV3 with a non-zero rope part and a latent norm far from its linear regime."""
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=3,
+              num_key_value_heads=3, q_lora_rank=None, kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=16,
+              v_head_dim=8, first_k_dense_replace=2, n_routed_experts=1, rope_interleave=True, rms_norm_eps=1e-6,
+              max_position_embeddings=256, tie_word_embeddings=False)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**kw)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if name.endswith("norm.weight")
+                    else 0.2 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _logits(path, ids) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _ids(vocab: int = 64, length: int = 40) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(1))
+
+
+def _digest(path) -> dict:
+    return {n: hashlib.sha256(open(os.path.join(path, n), "rb").read()).hexdigest() for n in sorted(os.listdir(path))}
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"q_lora_rank": 20},
+    {"qk_rope_head_dim": 32, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 32}},
+])
+def test_padded_logits_equal_the_unpadded(tmp_path, overrides):
+    src = _random_mla(tmp_path / "src", **overrides)
+    before = _digest(src)
+    res = pad_checkpoint(source=src, output=str(tmp_path / "padded"))
+    assert _digest(src) == before  # the input is only read
+    cfg = load_json(tmp_path / "padded" / "config.json")
+    assert (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]) == (512, 64, 128, 128)
+    assert res.source_dims == MlaDims(12, overrides.get("qk_rope_head_dim", 8), 16, 8)
+    ids = _ids()
+    diff = (_logits(src, ids) - _logits(str(tmp_path / "padded"), ids)).abs().max().item()
+    assert diff <= 1e-4, f"max |Δlogit| {diff}"
+    record = load_json(tmp_path / "padded" / "mha2mla.json")
+    assert record["padding"]["exact"] and record["padding"]["to"]["kv_lora_rank"] == 512
+    # llama3 rope pads exactly but engines rewrite its rope type: portable only with the default schedule
+    assert record["portability"]["vllm_sglang_portable"] is ("rope_parameters" not in overrides)
+
+
+def test_pad_config_keeps_the_frequencies():
+    cfg = {"kv_lora_rank": 96, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64, "v_head_dim": 64, "head_dim": 32,
+           "rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    out = pad_config(cfg, dst=MlaDims(512, 64, 128, 128))
+    theta = out["rope_parameters"]["rope_theta"]
+    assert out["rope_theta"] == theta and out["head_dim"] == 64
+    old = 10000.0 ** (-torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    new = theta ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    assert torch.allclose(new[:16], old, rtol=1e-12)
+    assert cfg["kv_lora_rank"] == 96  # the input dict is not modified
+    with pytest.raises(Mha2mlaError, match="yarn"):
+        pad_config({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, dst=MlaDims(512, 64, 128, 128))
+    with pytest.raises(Mha2mlaError, match="beyond float32"):
+        pad_config({**cfg, "qk_rope_head_dim": 8, "rope_theta": 5e5, "rope_parameters": None},
+                   dst=MlaDims(512, 64, 128, 128))
+    with pytest.raises(Mha2mlaError, match="kv_lora_rank 600 down to 512"):
+        pad_config({**cfg, "kv_lora_rank": 600}, dst=MlaDims(512, 64, 128, 128))
+
+
+def test_pad_refuses_broken_and_unsafe(tmp_path):
+    src = _random_mla(tmp_path / "src")
+    with pytest.raises(Mha2mlaError, match="inside the source"):
+        pad_checkpoint(source=src, output=os.path.join(src, "padded"))
+    with pytest.raises(Mha2mlaError, match="contains the source|source"):
+        pad_checkpoint(source=src, output=str(tmp_path))
+    cfg = load_json(os.path.join(src, "config.json"))
+    cfg["kv_lora_rank"] = -4
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(Mha2mlaError, match="kv_lora_rank: -4"):
+        pad_checkpoint(source=src, output=str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_pad_cli_on_a_conversion_warns_about_a_larger_cache(tiny_source, tmp_path):
+    import mha2mla
+
+    src = tiny_source(n_kv=1, head_dim=16)  # source cache 2·1·16 = 32 values per token per layer
+    conv = tmp_path / "mla"
+    mha2mla.convert(source=src, output=str(conv), rank=12, rope_dim=8, progress=False)
+    result = CliRunner().invoke(main, ["pad", str(conv), "--output", str(tmp_path / "served")])
+    assert result.exit_code == 0, result.output
+    assert "12+8 (nope 16, v 16) -> 512+64 (nope 128, v 128)" in result.output
+    assert "warning: the padded cache (576 values per token per layer) is larger than the source model's own (32)" \
+        in result.output
+    assert "vLLM (CPU): yes, compressed cache" in result.output
+    card = (tmp_path / "served" / "README.md").read_text()
+    assert "larger than the source model's own" in card and "vllm serve" in card
+    assert (tmp_path / "served" / "tokenizer.json").exists()
+    ids = _ids(vocab=97)
+    diff = (_logits(str(conv), ids) - _logits(str(tmp_path / "served"), ids)).abs().max().item()
+    assert diff <= 1e-4, f"max |Δlogit| {diff}"
+
+
+def test_convert_serve_vllm(tiny_source, tmp_path):
+    src = tiny_source(n_kv=2, head_dim=16)
+    out = tmp_path / "served"
+    result = CliRunner().invoke(main, ["convert", src, "--output", str(out), "--rank", "24", "--rope-dim", "8",
+                                       "--serve", "vllm", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "padded exactly to 512+64 (nope 128, v 128) for --serve vllm" in result.output
+    assert "LARGER than the source's" in result.output and "warning:" in result.output
+    assert "portable (every engine serves it with a compressed cache): yes" in result.output
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []  # no unpadded leftover
+    ref = tmp_path / "plain"
+    CliRunner().invoke(main, ["convert", src, "--output", str(ref), "--rank", "24", "--rope-dim", "8", "--quiet"])
+    ids = _ids(vocab=97)
+    diff = (_logits(str(ref), ids) - _logits(str(out), ids)).abs().max().item()
+    assert diff <= 1e-4, f"max |Δlogit| {diff}"
+    check = CliRunner().invoke(main, ["check", str(out)])
+    assert check.exit_code == 0 and check.output.startswith("PORTABLE")
