@@ -10,9 +10,14 @@
 #   1. benchmarks/inference.py: bf16 decode tok/s and GPU memory at 4k/16k, source vs stock MLA vs absorbed MLA,
 #      SmolLM2-135M and Llama-2-7B shapes.
 #   2. a random SmolLM2-shaped Llama with the real tokenizer; `mha2mla convert --calibration --device cuda` at 96+32.
-#   3. `mha2mla heal` with recipes/smollm2-135m-1gpu.yaml (short: 20 steps), cross-entropy, then distillation.
+#   3. `mha2mla heal` with recipes/smollm2-135m-1gpu.yaml (short: 20 steps), cross-entropy, then distillation; the
+#      heal record's peak GPU memory, tokens/s and memory plan (checkpointing, attention, loss chunk) go to
+#      heal-gpu.json. With HEAL_BEFORE=DIR (a directory holding an older `mha2mla` package, e.g. made by
+#      `git archive COMMIT mha2mla | tar -x -C DIR`, carried with the tree), benchmarks/heal_memory.py also measures
+#      that code and this one with distillation, same recipe, same steps: heal-memory-gpu.json.
 #   4. benchmarks/convert_memory.py: calibrated conversion (32 sequences) of one Llama-2-7B-width layer at 512+64.
-# Writes OUT/log.txt, OUT/inference-gpu.json, OUT/convert-gpu.json, OUT/heal-gpu.json, OUT/convert-7b-gpu.json.
+# Writes OUT/log.txt, OUT/inference-gpu.json, OUT/convert-gpu.json, OUT/heal-gpu.json, OUT/convert-7b-gpu.json
+# (and OUT/heal-memory-gpu.json with HEAL_BEFORE).
 set -u
 A=$(realpath "${1:-gpu_assets}")
 O=$(mkdir -p "${2:-${OUT:-/tmp/gpu-out}}" && realpath "${2:-${OUT:-/tmp/gpu-out}}")
@@ -90,11 +95,19 @@ for name in ("healed", "healed-kd"):
     if p.exists():
         h = json.loads(p.read_text())["heal"]
         runs[name] = {k: h.get(k) for k in ("steps", "tokens", "seconds", "tokens_per_second", "peak_device_memory_bytes",
-                                              "losses", "teacher", "num_processes", "recipe", "versions")}
+                                              "memory", "losses", "teacher", "num_processes", "recipe", "versions")}
         print(name, "tok/s", h.get("tokens_per_second"), "peak GPU GiB",
               None if h.get("peak_device_memory_bytes") is None else round(h["peak_device_memory_bytes"] / 2**30, 2))
 out.write_text(json.dumps(runs, indent=1))
 EOF
+if [ -n "${HEAL_BEFORE:-}" ] && [ -d "${HEAL_BEFORE}/mha2mla" ]; then
+  R=recipes/smollm2-135m-1gpu.yaml
+  [ "$SMOKE" = 1 ] && HM=(--steps 2 --seq-len 64 --micro-batch 1) || HM=(--steps 10)
+  step 240 "heal memory, before ($HEAL_BEFORE) and after, distillation" $PY benchmarks/heal_memory.py --model "$W/mla" \
+    --teacher "$W/src" --data "$A/enwiki.train.txt" --device "$DEVICE" "${HM[@]}" \
+    --config "before-kd:code=$(realpath "$HEAL_BEFORE"),recipe=$R,warmup_steps=2,decay_steps=2" \
+    --config "after-kd:recipe=$R,warmup_steps=2,decay_steps=2" --out "$O/heal-memory-gpu.json"
+fi
 
 if [ ${#BIG[@]} -gt 0 ]; then
   step 120 "convert Llama-2-7B-width layers (calibrated, $DEVICE)" $PY benchmarks/convert_memory.py "${BIG[@]}" \

@@ -23,7 +23,9 @@ from mha2mla.errors import Mha2mlaError
 __all__ = ["HealRecipe", "load_recipe", "lr_factor"]
 
 # Keys that may differ between a run and its --resume (they change neither the data order nor the losses so far).
-RESUMABLE_CHANGES = frozenset({"max_steps", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "log_every"})
+# The memory settings change how the same losses are computed (up to float rounding), not what is computed.
+RESUMABLE_CHANGES = frozenset({"max_steps", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "log_every",
+                               "gradient_checkpointing", "attn_implementation", "loss_chunk_tokens"})
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,10 @@ class HealRecipe:
     # precision and memory
     dtype: str = "float32"  # weights and optimizer state: float32 | bfloat16
     mixed_precision: str = "no"  # no | bf16 (fp16 underflows the latent of converted checkpoints)
-    gradient_checkpointing: bool = False
+    # auto: on when the activations kept for the backward would outweigh the weights, gradients and AdamW state
+    gradient_checkpointing: bool | str = "auto"  # auto | true | false
+    attn_implementation: str = "auto"  # auto (sdpa where the model supports it) | sdpa | eager
+    loss_chunk_tokens: int = 0  # positions per chunk of the fused output projection + loss; 0 = auto (~64 MiB logits)
     # checkpoints and logging
     save_every: int = 0  # steps between checkpoints in OUTPUT/checkpoints; 0 = none
     keep_checkpoints: int = 2
@@ -83,6 +88,7 @@ _CHOICES = {
     "schedule": ("constant", "cosine", "linear", "wsd"),
     "dtype": ("float32", "bfloat16"),
     "mixed_precision": ("no", "bf16"),
+    "attn_implementation": ("auto", "sdpa", "eager"),
 }
 # key: (minimum, maximum, minimum inclusive)
 _RANGES = {
@@ -107,6 +113,7 @@ _RANGES = {
     "save_every": (0, None, True),
     "keep_checkpoints": (1, None, True),
     "log_every": (1, None, True),
+    "loss_chunk_tokens": (0, None, True),
 }
 _FIELDS = {f.name: f for f in fields(HealRecipe)}
 
@@ -118,6 +125,10 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         if optional:
             return None
         raise Mha2mlaError(f"{where}: {key} must be set, got null")
+    if kind == "bool | str":  # a switch that may also be left to the run: auto | true | false
+        if not isinstance(value, bool) and value != "auto":
+            raise Mha2mlaError(f"{where}: {key} must be auto, true or false, got {value!r}")
+        return value
     if kind == "bool":
         if not isinstance(value, bool):
             raise Mha2mlaError(f"{where}: {key} must be true or false, got {value!r}")
