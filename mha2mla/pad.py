@@ -216,7 +216,7 @@ def pad_checkpoint(*, source: str | os.PathLike, output: str | os.PathLike, targ
     """
     from safetensors import safe_open
 
-    from mha2mla.commands_check import read_checkpoint_tensors
+    from mha2mla.checkpoint_meta import read_checkpoint_tensors
     from mha2mla.portability import fast_kernel_notes, is_portable, portability_blockers, serving_verdicts, shape_errors
     from mha2mla.record import RECORD_NAME, write_model_card
     from mha2mla.source import TOKENIZER_FILES
