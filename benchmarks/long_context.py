@@ -65,7 +65,7 @@ def _plot(results: dict, path: str, source: str) -> None:
 
 def main(argv=None) -> int:
     from mha2mla.data import load_texts, pack_tokens
-    from mha2mla.long_context import passkey_retrieval, position_perplexity, render_long_context
+    from mha2mla.long_context import long_context_report, render_long_context
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True, help="source model directory (the reference)")
@@ -108,16 +108,11 @@ def main(argv=None) -> int:
         t0 = time.time()
         model, tok = _load(path)
         tokens = pack_tokens(tok, texts, max_tokens=max(settings["window_sizes"], default=0) * args.windows or None)
-        entry = {"path": os.path.realpath(path), "settings": settings, "positions": [], "passkey": []}
-        for w in settings["window_sizes"]:
-            r = position_perplexity(model=model, tokens=tokens, window=w, windows=args.windows)
-            entry["positions"].append(r.to_dict())
-            print(f"{label}: window {w}: " + " ".join(f"{b['start']}-{b['end']}:{b['ppl']:.2f}" for b in r.buckets)
-                  + f" ({time.time() - t0:.0f} s)", file=sys.stderr)
-        for n in settings["passkey_lengths"]:
-            r = passkey_retrieval(model=model, tokenizer=tok, length=n, trials=args.trials, seed=args.seed)
-            entry["passkey"].append(r.to_dict())
-            print(f"{label}: passkey {n}: {r.correct}/{r.trials} ({time.time() - t0:.0f} s)", file=sys.stderr)
+        entry = {"path": os.path.realpath(path), "settings": settings}
+        entry.update(long_context_report(
+            model=model, tokenizer=tok, tokens=tokens, windows_of=settings["window_sizes"], windows=args.windows,
+            passkey_lengths=settings["passkey_lengths"], trials=args.trials, seed=args.seed,
+            log=lambda line: print(f"{label}: {line} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)))
         entry["seconds"] = round(time.time() - t0, 1)
         results[label] = entry
         del model

@@ -61,16 +61,26 @@ def _batch_size(value: str) -> int | str:
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Result cache [default: $MHA2MLA_CACHE/eval or ~/.cache/mha2mla/eval].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write cached results.")
+@click.option("--long-context", is_flag=True,
+              help="Also perplexity by position (0-512 ... 4k-8k) on long windows of --ppl-data and passkey retrieval.")
+@click.option("--long-context-max", type=click.IntRange(min=1024), default=8192, show_default=True,
+              help="Longest window / passkey prompt (capped at the model's max_position_embeddings).")
+@click.option("--long-context-windows", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Windows for the perplexity by position.")
+@click.option("--passkey-trials", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Passkey prompts per length (1k, 2k, 4k, 8k).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @user_errors
 def eval_command(model, baseline, tasks, limit, include_path, ppl_data, ppl_tokens, ppl_ctx, num_fewshot, batch_size,
-                 dtype, device, seed, output, plot, cache_dir, no_cache, quiet):
+                 dtype, device, seed, output, plot, cache_dir, no_cache, long_context, long_context_max,
+                 long_context_windows, passkey_trials, quiet):
     """Evaluate MODEL (and --baseline SOURCE with the same settings) and print one Markdown table.
 
     The table gives, per task metric, source / converted / Δ / recovery % (converted/source for
     accuracy, source/converted for perplexity), then perplexity and bits per byte on --ppl-data,
     then KV-cache values per token per layer and bytes at 4k context. Results are cached, so the
-    baseline is only evaluated once per settings.
+    baseline is only evaluated once per settings. --long-context adds perplexity by position
+    inside long windows (and its ratio to the baseline) and passkey retrieval at 1k-8k.
 
     \b
     Example:
@@ -91,6 +101,8 @@ def eval_command(model, baseline, tasks, limit, include_path, ppl_data, ppl_toke
         model=model, baseline=baseline, tasks=tasks, limit=limit, include_path=include_path, ppl_data=ppl_data,
         ppl_tokens=ppl_tokens, ppl_ctx=ppl_ctx, num_fewshot=num_fewshot, batch_size=_batch_size(batch_size),
         dtype=dtype, device=device, seed=seed, cache_dir=cache_dir, use_cache=not no_cache,
+        long_context=long_context, long_context_max=long_context_max, long_context_windows=long_context_windows,
+        passkey_trials=passkey_trials,
     )
     if output:
         try:
@@ -102,5 +114,10 @@ def eval_command(model, baseline, tasks, limit, include_path, ppl_data, ppl_toke
     if plot:
         plot_recovery(result, plot)
     click.echo(render_markdown(result))
+    if result.get("long_context"):
+        from mha2mla.long_context import render_long_context
+
+        click.echo("")
+        click.echo(render_long_context(result["long_context"]))
     if output:
         click.echo(f"wrote {output}", err=True)

@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from importlib import metadata
 
-from mha2mla.data import load_texts
+from mha2mla.data import load_texts, load_tokenizer
 from mha2mla.errors import Mha2mlaError
 from mha2mla.eval_report import make_row, plot_recovery, render_markdown
 from mha2mla.eval_tasks import dir_stamp, finite, first_line, resolve_tasks, run_lm_eval, sha, task_entry, task_stamp
@@ -117,14 +117,21 @@ def _load_config(path: str):
 
 def _load_model(path: str, *, dtype: str, device: str):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False,
+                                                           output_loading_info=True)
     except Exception as e:
         raise Mha2mlaError(f"cannot load model {path!r} as a causal LM: {first_line(e)}") from None
+    # transformers fills a missing weight randomly and drops an unexpected one: scoring that would be meaningless.
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        bad = sorted(map(str, info.get(kind) or ()))
+        if bad:
+            raise Mha2mlaError(f"model {path!r} does not load cleanly: {len(bad)} {kind.replace('_', ' ')}, e.g. "
+                               f"{bad[0]!r}; the checkpoint is incomplete or does not match its config.json")
+    tokenizer = load_tokenizer(path, what="model", vocab_size=int(model.get_input_embeddings().weight.shape[0]))
     return model.to(device).eval(), tokenizer
 
 
@@ -155,13 +162,20 @@ def _evaluate_one(path: str, *, tasks: list[str], tm, texts, ppl_spec, settings:
         for t in tasks
     }
     out = {"tasks": {t: cache.get(k) for t, k in task_keys.items()}, "perplexity": None}
+    lc_key = None
+    if settings.get("long_context"):
+        lc_key = {"kind": "long_context", "model": fp, "text": sha("\x1e".join(texts)) if texts is not None else None,
+                  "method": 1, "versions": versions,
+                  **{k: settings[k] for k in ("long_context_max", "long_context_windows", "passkey_trials", "seed",
+                                              "dtype", "device")}}
+        out["long_context"] = cache.get(lc_key)
     ppl_key = None
     if texts is not None:
         ppl_key = {"kind": "perplexity", "model": fp, "text": sha("\x1e".join(texts)), "method": 1,
                    "versions": versions, **{k: settings[k] for k in ("ppl_tokens", "ppl_ctx", "dtype", "device")}}
         out["perplexity"] = cache.get(ppl_key)
     pending = [t for t, v in out["tasks"].items() if v is None]
-    if not pending and (texts is None or out["perplexity"] is not None):
+    if not pending and (texts is None or out["perplexity"] is not None) and out.get("long_context", True) is not None:
         log.info("%s: all results cached", path)
         return out
 
@@ -179,6 +193,15 @@ def _evaluate_one(path: str, *, tasks: list[str], tm, texts, ppl_spec, settings:
             )
             out["perplexity"] = {k: (finite(v) if isinstance(v, float) else v) for k, v in res.to_dict().items()}
             cache.put(ppl_key, out["perplexity"])
+        if lc_key is not None and out["long_context"] is None:
+            from mha2mla.long_context import evaluate_long_context
+
+            out["long_context"] = evaluate_long_context(model=model, tokenizer=tokenizer, texts=texts,
+                                                        max_len=settings["long_context_max"],
+                                                        windows=settings["long_context_windows"],
+                                                        trials=settings["passkey_trials"], seed=settings["seed"],
+                                                        log=lambda line: log.info("%s: %s", path, line))
+            cache.put(lc_key, out["long_context"])
         if pending:
             log.info("%s: lm-eval on %s ...", path, ", ".join(pending))
             raw = run_lm_eval(
@@ -234,6 +257,10 @@ def evaluate(
     seed: int = 1234,
     cache_dir: str | None = None,
     use_cache: bool = True,
+    long_context: bool = False,
+    long_context_max: int = 8192,
+    long_context_windows: int = 2,
+    passkey_trials: int = 10,
 ) -> dict:
     """Evaluate ``model`` (and ``baseline`` with the same settings) on lm-eval tasks, perplexity and KV size.
 
@@ -254,11 +281,18 @@ def evaluate(
         seed: seed for lm-eval's sampling (few-shot examples).
         cache_dir: where results are cached (default: see :func:`default_cache_dir`).
         use_cache: read and write the cache.
+        long_context: also measure perplexity by position on windows of ``min(max_position_embeddings,
+            long_context_max)`` tokens of ``ppl_data`` and passkey retrieval up to that length
+            (:func:`mha2mla.long_context.evaluate_long_context`).
+        long_context_max: longest window / passkey prompt in tokens.
+        long_context_windows: windows for the perplexity by position.
+        passkey_trials: passkey prompts per length.
 
     Returns:
         A JSON-ready dict: ``settings``, ``models`` (path, fingerprint, KV sizes), ``tasks`` (requested
         name -> lm-eval task and per-model metrics), ``perplexity``, ``rows`` (what the table shows:
-        source, converted, delta, recovery per metric) and ``cache`` (hits, misses).
+        source, converted, delta, recovery per metric), ``long_context`` (per model, with ``long_context``) and
+        ``cache`` (hits, misses).
 
     Raises:
         Mha2mlaError: an unknown task, missing include path or data, a model that does not load, bad settings.
@@ -277,9 +311,18 @@ def evaluate(
     if dtype not in DTYPES:
         raise Mha2mlaError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     try:
-        torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise Mha2mlaError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Mha2mlaError(f"device {device!r}: torch sees no CUDA device here (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise Mha2mlaError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise Mha2mlaError(f"device {device!r}: MPS is not available here; use --device cpu")
+    if long_context and (long_context_max < 1024 or long_context_windows < 1 or passkey_trials < 1):
+        raise Mha2mlaError(f"long context needs a window of at least 1024 tokens, 1+ windows and 1+ passkey trials, "
+                           f"got {long_context_max=} {long_context_windows=} {passkey_trials=}")
     if include_path is not None and not os.path.isdir(include_path):
         raise Mha2mlaError(f"include path {include_path!r} is not a directory of lm-eval task YAMLs")
 
@@ -298,7 +341,8 @@ def evaluate(
         "tasks": task_list, "resolved_tasks": mapping, "limit": limit, "num_fewshot": num_fewshot,
         "include_path": os.path.abspath(include_path) if include_path else None, "ppl_data": ppl_data,
         "ppl_tokens": ppl_tokens, "ppl_ctx": ppl_ctx, "batch_size": batch_size, "dtype": dtype, "device": device,
-        "seed": seed, "kv_context": KV_CONTEXT,
+        "seed": seed, "kv_context": KV_CONTEXT, "long_context": long_context, "long_context_max": long_context_max,
+        "long_context_windows": long_context_windows, "passkey_trials": passkey_trials,
         "versions": {p: _version(p) for p in ("mha2mla", "lm_eval", "transformers", "torch")},
     }
     cache = _Cache((cache_dir or default_cache_dir()) if use_cache else None)
@@ -314,5 +358,6 @@ def evaluate(
         "tasks": {req: {"lm_eval_task": t, **{r: per[r]["tasks"][t] for r in per}} for req, t in mapping.items()},
         "perplexity": {"data": ppl_data, **{r: per[r]["perplexity"] for r in per}} if texts is not None else None,
         "rows": _rows(mapping, per, models, ppl_label),
+        "long_context": {r: per[r]["long_context"] for r in per} if long_context else None,
         "cache": {"dir": cache.dir, "hits": cache.hits, "misses": cache.misses},
     }

@@ -42,6 +42,8 @@ __all__ = [
     "passkey_prompt",
     "parse_passkey",
     "passkey_retrieval",
+    "long_context_report",
+    "evaluate_long_context",
     "render_long_context",
 ]
 
@@ -327,6 +329,87 @@ def passkey_retrieval(
         model.train(was_training)
     return PasskeyResult(length=length, tokens=sum(d["tokens"] for d in details) / trials, trials=trials,
                          correct=sum(d["correct"] for d in details), details=details)
+
+
+def long_context_report(
+    *,
+    model,
+    tokenizer,
+    tokens: torch.Tensor | None,
+    windows_of: list[int],
+    windows: int = 2,
+    passkey_lengths: list[int] = list(PASSKEY_LENGTHS),
+    trials: int = 10,
+    seed: int = 0,
+    log=None,
+) -> dict:
+    """Perplexity by position at each window length and passkey retrieval at each length, as one JSON-ready dict.
+
+    Args:
+        model: an HF ``*ForCausalLM``.
+        tokenizer: its tokenizer.
+        tokens: a 1-D LongTensor of held-out text (at least ``max(windows_of)·windows`` tokens); ``None`` with an
+            empty ``windows_of``.
+        windows_of: window lengths for :func:`position_perplexity` (may be empty).
+        windows: windows per window length.
+        passkey_lengths: lengths for :func:`passkey_retrieval` (may be empty).
+        trials: passkey trials per length.
+        seed: passkey seed.
+        log: optional callable taking one progress line.
+
+    Returns:
+        ``{"positions": [PositionPerplexity.to_dict(), ...], "passkey": [PasskeyResult.to_dict(), ...]}``.
+    """
+    out: dict = {"positions": [], "passkey": []}
+    for w in windows_of:
+        r = position_perplexity(model=model, tokens=tokens, window=w, windows=windows)
+        out["positions"].append(r.to_dict())
+        if log:
+            log(f"window {w}: " + " ".join(f"{b['start']}-{b['end']}:{b['ppl']:.2f}" for b in r.buckets))
+    for n in passkey_lengths:
+        r = passkey_retrieval(model=model, tokenizer=tokenizer, length=n, trials=trials, seed=seed)
+        out["passkey"].append(r.to_dict())
+        if log:
+            log(f"passkey {n}: {r.correct}/{r.trials}")
+    return out
+
+
+def evaluate_long_context(
+    *,
+    model,
+    tokenizer,
+    texts: list[str] | None,
+    max_len: int = 8192,
+    windows: int = 2,
+    trials: int = 10,
+    seed: int = 0,
+    log=None,
+) -> dict:
+    """What ``mha2mla eval --long-context`` reports for one model: perplexity by position on windows of
+    ``min(max_position_embeddings, max_len)`` tokens of ``texts``, and passkey retrieval at each length of
+    :data:`PASSKEY_LENGTHS` up to that window (see :func:`long_context_report`).
+
+    Args:
+        model: an HF ``*ForCausalLM``.
+        tokenizer: its tokenizer.
+        texts: held-out documents for the perplexity windows; ``None``: passkey retrieval only.
+        max_len: cap on the window and the passkey lengths.
+        windows: perplexity windows.
+        trials: passkey trials per length.
+        seed: passkey seed.
+        log: optional callable taking one progress line.
+
+    Returns:
+        :func:`long_context_report`'s dict, plus ``window``.
+    """
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None) or max_len
+    window = min(int(max_pos), max_len)
+    tokens = pack_tokens(tokenizer, texts, max_tokens=window * windows) if texts is not None else None
+    out = long_context_report(model=model, tokenizer=tokenizer, tokens=tokens,
+                              windows_of=[window] if texts is not None else [], windows=windows,
+                              passkey_lengths=[n for n in PASSKEY_LENGTHS if n <= window], trials=trials, seed=seed,
+                              log=log)
+    return {"window": window, **out}
 
 
 def render_long_context(results: dict[str, dict]) -> str:

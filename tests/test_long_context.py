@@ -178,3 +178,42 @@ def test_converted_model_sdpa_matches_eager(tiny_source, tmp_path):
         with torch.inference_mode():
             nll[impl] = token_nll(model=model, ids=ids)
     torch.testing.assert_close(nll["sdpa"], nll["eager"], rtol=1e-4, atol=1e-4)
+
+
+def test_eval_cli_long_context(tiny_source, tmp_path, monkeypatch):
+    """`mha2mla eval --long-context`: position table with the ratio to the baseline, passkey table, JSON, cache."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mha2mla import evaluate as ev
+    from mha2mla.cli import main
+    from mha2mla.conversion import convert
+    from tests.conftest import CORPUS
+
+    src = tiny_source(max_position_embeddings=1024, n_heads=4, n_kv=2)
+    conv = convert(source=src, output=tmp_path / "mla", rank=16, rope_dim=8, progress=False).output
+    text = tmp_path / "text.txt"
+    text.write_text(CORPUS * 60)
+    out = tmp_path / "r.json"
+    args = ["eval", str(conv), "--baseline", src, "--tasks", "", "--ppl-data", str(text), "--ppl-tokens", "64",
+            "--ppl-ctx", "32", "--long-context", "--long-context-windows", "1", "--passkey-trials", "2",
+            "--cache-dir", str(tmp_path / "cache"), "--output", str(out), "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "Perplexity by position, windows of 1024 tokens (1 windows):" in res.stdout
+    assert "| ↳ ratio to source |" in res.stdout and "Passkey retrieval" in res.stdout
+    lc = json.loads(out.read_text())["long_context"]
+    for role in ("source", "converted"):
+        assert lc[role]["window"] == 1024
+        (pos,) = lc[role]["positions"]
+        assert [(b["start"], b["end"]) for b in pos["buckets"]] == [(0, 512), (512, 1024)]
+        assert [(k["length"], k["trials"]) for k in lc[role]["passkey"]] == [(1024, 2)]
+
+    def boom(*a, **k):
+        raise AssertionError("should have come from the cache")
+
+    monkeypatch.setattr(ev, "_load_model", boom)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output + again.stderr
+    assert json.loads(out.read_text())["long_context"] == lc
