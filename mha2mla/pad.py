@@ -196,6 +196,7 @@ def pad_checkpoint(*, source: str | os.PathLike, output: str | os.PathLike, targ
     """Write ``source`` (a DeepseekV3 MLA checkpoint directory) zero-padded to ``target``'s dims into ``output``.
 
     The input directory is only read; ``output`` is written through :func:`mha2mla.writer.atomic_output_dir`.
+    A tied embedding is written out as ``lm_head.weight`` too (vLLM and SGLang never tie DeepSeek's ``lm_head``).
     Tensors are padded one at a time (:func:`pad_tensor`), so memory stays about one shard.
 
     Args:
@@ -234,6 +235,10 @@ def pad_checkpoint(*, source: str | os.PathLike, output: str | os.PathLike, targ
     dst = SERVE_TARGETS[target]
     src = MlaDims.of(config)
     new_config = pad_config(config, dst=dst)
+    # vLLM and SGLang build DeepSeek's lm_head untied: write the tied embedding out as lm_head too (exact)
+    untie = bool(config.get("tie_word_embeddings")) and "lm_head.weight" not in shapes
+    if untie:
+        new_config["tie_word_embeddings"] = False
     n_heads = int(config["num_attention_heads"])
     index = _read_json(os.path.join(src_dir, "model.safetensors.index.json"))
     shard_names = sorted(set(index["weight_map"].values())) if index else sorted(
@@ -244,6 +249,8 @@ def pad_checkpoint(*, source: str | os.PathLike, output: str | os.PathLike, targ
             with safe_open(os.path.join(src_dir, shard), framework="pt") as f:
                 for name in f.keys():
                     writer.add(name, pad_tensor(name, f.get_tensor(name), src=src, dst=dst, n_heads=n_heads))
+                    if name == "model.embed_tokens.weight" and untie:
+                        writer.add("lm_head.weight", f.get_tensor(name).clone())
         names = writer.close()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(new_config, f, indent=2)

@@ -94,6 +94,10 @@ def portability_blockers(config: dict, weight_names: Iterable[str]) -> list[str]
                 f"set first_k_dense_replace to {n_layers}"
             )
 
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in names:
+        blockers.append(f"tie_word_embeddings is true and there is no lm_head.weight; {ENGINES} build DeepSeek's "
+                        f"lm_head untied and would leave it unloaded (`mha2mla pad` writes it untied)")
+
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     if kv_heads is not None and heads is not None and kv_heads != heads:
         blockers.append(f"num_key_value_heads is {kv_heads} but num_attention_heads is {heads}; DeepSeek MLA expands "

@@ -51,7 +51,7 @@ def _digest(path) -> dict:
 
 @pytest.mark.parametrize("overrides", [
     {},
-    {"q_lora_rank": 20},
+    {"q_lora_rank": 20, "tie_word_embeddings": True},  # (written untied: vLLM never ties DeepSeek's lm_head)
     {"qk_rope_head_dim": 32, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                  "original_max_position_embeddings": 32}},
@@ -67,6 +67,7 @@ def test_padded_logits_equal_the_unpadded(tmp_path, overrides):
     ids = _ids()
     diff = (_logits(src, ids) - _logits(str(tmp_path / "padded"), ids)).abs().max().item()
     assert diff <= 1e-4, f"max |Δlogit| {diff}"
+    assert cfg["tie_word_embeddings"] is False
     record = load_json(tmp_path / "padded" / "mha2mla.json")
     assert record["padding"]["exact"] and record["padding"]["to"]["kv_lora_rank"] == 512
     # llama3 rope pads exactly but engines rewrite its rope type: portable only with the default schedule
