@@ -31,7 +31,7 @@ def _load(path: str):
 
 def _settings(args, max_len: int) -> dict:
     return {"data": os.path.abspath(args.data), "windows": args.windows, "trials": args.trials, "seed": args.seed,
-            "window_sizes": [w for w in args.window if w <= max_len],
+            "window_sizes": [w for w in args.window if 0 < w <= max_len],
             "passkey_lengths": [n for n in args.passkey if n <= max_len]}
 
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--source", required=True, help="source model directory (the reference)")
     ap.add_argument("--model", action="append", default=[], metavar="LABEL=PATH", help="converted model (repeatable)")
     ap.add_argument("--data", required=True, help="held-out text for the perplexity windows")
-    ap.add_argument("--window", type=int, action="append", help="window length (repeatable; default 4096 and 8192)")
+    ap.add_argument("--window", type=int, action="append", help="window length (repeatable; default 4096 and 8192; 0: none)")
     ap.add_argument("--windows", type=int, default=2, help="windows per window length")
     ap.add_argument("--passkey", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 1536, 2048, 4096, 8192],
                     help="comma-separated passkey prompt lengths ('' for none)")

@@ -160,6 +160,13 @@ class Method:
             targets and the MLP refit's moments are measured on those, the converted stream still moves on all.
             SmolLM2 32+32 (48 sequences, context stride 4, 15 query-fit iterations): all 62.20 ppl, 32 → 63.47,
             24 → 64.81; 32 saves ~0.5–0.7 s per layer.
+        rope_context: the RoPE schedule (which stride of source frequencies keeps its rotation, see
+            :func:`choose_rope_stride`) is chosen over the attention distances of one calibration sequence of this many
+            tokens (at most the source's ``max_position_embeddings``) when that is longer than the calibration
+            sequences; 0: over the first calibration sequences. Ranked over short sequences only, the slow frequencies
+            barely turn (``|ρ| ≈ 1``) and look free to fold, but past the calibration length they carry the position:
+            SmolLM2 then drops all its slow frequencies and the converted model falls apart at long range
+            (benchmarks/RESULTS.md, "Long context").
         mlp_dtype: the precision of the MLP forwards that move the calibration streams (source and converted), of the
             source stream's own attention (SmolLM2 160+32: 0.2–0.4 s less per layer; the fits' targets, the source heads
             on the converted stream, stay float32), and of the MLP refit's activations (its moments and solve stay
@@ -187,6 +194,7 @@ class Method:
     mlp_drift: float = 0.4
     drift_below_share: float = 0.5
     source_sequences: int = 32
+    rope_context: int = 4096
     mlp_dtype: str = "auto"
 
     @classmethod
@@ -216,7 +224,7 @@ class Method:
                              f"got {self.output_fit_stride}")
         if not self.drift_below_share >= 0:
             raise ValueError(f"Method.drift_below_share must be ≥ 0 (inf: always), got {self.drift_below_share}")
-        for name in ("context_sequences", "source_sequences"):
+        for name in ("context_sequences", "source_sequences", "rope_context"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Method.{name} must be ≥ 0 (0: all sequences), got {getattr(self, name)}")
 

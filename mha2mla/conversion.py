@@ -434,7 +434,15 @@ def convert(
         if budget_info is not None or choose_stride:
             # the schedule and split are global choices: decide them on a quick pass over a few sequences
             pre_n = PLAN_SEQUENCES if budget_info is not None else STRIDE_SEQUENCES
-            pre = calibrate(source=src, tokens=tokens[:pre_n], value_contexts=False, device=device,
+            pre_tokens = tokens[:pre_n]
+            rope_len = min(method.rope_context, max_pos) if isinstance(max_pos, int) else method.rope_context
+            if budget_info is None and rope_len > length:  # the schedule over the attention distances of long contexts
+                try:
+                    pre_tokens = calibration_tokens(source=src, data=calibration, samples=1, length=rope_len)
+                    calib_info["rope_context"] = rope_len
+                except Mha2mlaError:  # too little text for one such sequence: the calibration sequences decide
+                    calib_info["rope_context"] = f"not used: the calibration text has fewer than {rope_len} tokens"
+            pre = calibrate(source=src, tokens=pre_tokens, value_contexts=False, device=device,
                             progress=progress, desc="choosing the RoPE schedule")
             if budget_info is not None:
                 plan, calib_info["kv_budget"] = _choose_split(src, pre, method, kv_budget, budget_info, rope_stride, dtype)

@@ -217,3 +217,39 @@ def test_eval_cli_long_context(tiny_source, tmp_path, monkeypatch):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output + again.stderr
     assert json.loads(out.read_text())["long_context"] == lc
+
+
+def test_slow_frequencies_need_their_rotation_only_over_long_distances():
+    """What moves the RoPE schedule at long range: 1 − |ρ|² of a slow frequency is ~0 over short attention distances
+    and large over long ones, while a fast one needs its rotation at both."""
+    from mha2mla.rope import expected_rotation
+
+    inv_freq = 1.0 / (1e5 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    short, long = torch.zeros(1, 4096, dtype=torch.float64), torch.zeros(1, 4096, dtype=torch.float64)
+    short[0, :512] = 1.0
+    long[0, :] = 1.0
+    need = {k: 1 - expected_rotation(distance_hist=h, inv_freq=inv_freq).abs().pow(2)[0] for k, h in
+            (("short", short), ("long", long))}
+    slow = 18  # wavelength ~4k tokens
+    assert need["short"][slow] < 0.1 < 0.5 < need["long"][slow]
+    assert need["short"][0] > 0.9 and need["long"][0] > 0.9
+
+
+def test_rope_schedule_is_chosen_over_a_long_calibration_sequence(tiny_source, tmp_path):
+    from mha2mla.attention import Method
+    from mha2mla.conversion import convert
+    from tests.conftest import CORPUS
+
+    src = tiny_source(n_kv=2, head_dim=16, max_position_embeddings=256)
+    text = tmp_path / "c.txt"
+    text.write_text(CORPUS * 40)
+    kw = dict(source=src, rank=12, rope_dim=4, calibration=str(text), calibration_samples=4, calibration_length=32,
+              progress=False)
+    rec = convert(output=tmp_path / "a", **kw).record["calibration"]
+    assert rec["rope_context"] == 256  # Method.rope_context, capped at max_position_embeddings
+    assert len(rec["rope_stride_shares"]) == 4  # strides 1..head_dim/rope_dim
+    rec = convert(output=tmp_path / "b", method=Method(rope_context=0), **kw).record["calibration"]
+    assert "rope_context" not in rec and rec["rope_stride_shares"]
+    text.write_text(CORPUS * 2)  # too little text for one sequence of 256 tokens: the calibration sequences decide
+    rec = convert(output=tmp_path / "c", **kw).record["calibration"]
+    assert rec["rope_context"].startswith("not used") and rec["rope_stride_shares"]
