@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from mha2mla.data import load_texts, pack_tokens, token_blocks
+from mha2mla.loading import load_tokenizer
 from mha2mla.errors import Mha2mlaError
+from mha2mla.progress import Steps
 from mha2mla.mlp_fit import GRAM_BLOCKS, DownProjectionFit
 from mha2mla.moments import add_lower_gram, block_edges, context_moment_from_columns, symmetric_from_lower
 from mha2mla.reference import causal_score_blocks, weighted_sum
@@ -80,17 +81,13 @@ class LayerCalibration:
 
 def calibration_tokens(*, source: SourceModel, data: str | list[str], samples: int, length: int, seed: int = 0) -> torch.Tensor:
     """Tokenise calibration text (a data spec, or a list of documents) into ``[samples, length]`` blocks."""
-    from transformers import AutoTokenizer
-
     if samples <= 0 or length < 16:
         raise Mha2mlaError(f"--calibration-samples must be ≥ 1 and --calibration-length ≥ 16, got {samples} and {length}")
-    if source.gguf is not None:
-        tok = AutoTokenizer.from_pretrained(source.gguf[0], gguf_file=source.gguf[1])
-    else:
-        tok = AutoTokenizer.from_pretrained(source.path)
-    texts = load_texts(data) if isinstance(data, str) else [t for t in data if t.strip()]
+    texts = load_texts(data) if isinstance(data, str) else [t for t in data if t.strip()]  # (before the tokenizer)
     if not texts:
         raise Mha2mlaError("calibration data is empty: no text found")
+    folder, gguf_file = source.gguf if source.gguf is not None else (source.path, None)
+    tok = load_tokenizer(folder, what="source", gguf_file=gguf_file, vocab_size=source.config.get("vocab_size"))
     tokens = pack_tokens(tok, texts, max_tokens=samples * length * 4)
     blocks = token_blocks(tokens, seq_len=length, seed=seed)
     if blocks.shape[0] < samples:
@@ -203,7 +200,7 @@ def calibrate(*, source: SourceModel, tokens: torch.Tensor, sample_sequences: in
     """
     prop = Propagation(source=source, tokens=tokens, batch=batch, device=device)
     out = []
-    for i in tqdm(range(source.n_layers), desc=desc, unit="layer", disable=not progress):
+    for i in Steps(source.n_layers, desc=desc, enabled=progress):
         out.append(prop.layer_calibration(i, sample_sequences=sample_sequences, value_contexts=value_contexts))
         prop.advance(i)
     return out

@@ -11,6 +11,15 @@ import click
 from mha2mla.errors import Mha2mlaError
 
 
+def _clear_progress() -> None:
+    """Erase progress bars still on screen, so that an error is the only line a failed command leaves."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
+
+
 def user_errors(fn):
     """Turn a :class:`Mha2mlaError` (and Ctrl-C) into one line on stderr and a non-zero exit."""
 
@@ -19,12 +28,15 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Mha2mlaError as e:
+            _clear_progress()
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
+            _clear_progress()
             click.echo("error: interrupted; no output was written", err=True)
             sys.exit(130)
         except MemoryError:
+            _clear_progress()
             click.echo("error: out of memory; use a machine with more RAM (convert: or a smaller --max-shard-size)",
                        err=True)
             sys.exit(1)

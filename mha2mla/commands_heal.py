@@ -54,12 +54,15 @@ def heal_command(model_dir, output, data, recipe, teacher, max_steps, sets, resu
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file "saved ..." lines
     overrides = _parse_sets(sets)
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    data = data if data is not None else overrides.pop("data", None)
-    teacher = teacher if teacher is not None else overrides.pop("teacher", None)
-    max_steps = max_steps if max_steps is not None else overrides.pop("max_steps", None)
-    for key in ("data", "teacher", "max_steps"):
-        overrides.pop(key, None)
+    given = {**{k: v for k, v in flags.items() if v is not None},
+             **{k: v for k, v in (("data", data), ("teacher", teacher), ("max_steps", max_steps)) if v is not None}}
+    both = sorted(set(given) & set(overrides))
+    if both:  # one would silently mask the other
+        k = both[0]
+        flag = "--grad-accum" if k == "gradient_accumulation_steps" else "--" + k.replace("_", "-")
+        raise Mha2mlaError(f"--set {k}={overrides[k]!r} and {flag} both set {k}; give it once")
+    overrides.update(given)
+    data, teacher, max_steps = (overrides.pop(k, None) for k in ("data", "teacher", "max_steps"))
     from accelerate import PartialState
 
     from mha2mla.heal import heal

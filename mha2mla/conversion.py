@@ -10,12 +10,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from mha2mla.allocator import keep_freed_memory
 from mha2mla.attention import AttentionWeights, LayerStats, Method, choose_rope_stride, convert_attention, rope_frequency_scores
 from mha2mla.calibration import LayerCalibration, Propagation, calibrate, calibration_tokens, native_bfloat16
 from mha2mla.errors import Mha2mlaError
+from mha2mla.progress import Steps
 from mha2mla.plan import ConversionPlan, make_plan
 from mha2mla.reference import (mla_attention, mla_head_contexts, mla_output_from_contexts, relative_output_error,
                                source_attention, source_output_from_heads)
@@ -26,7 +26,7 @@ from mha2mla.source import TOKENIZER_FILES, SourceModel, load_source
 from mha2mla.target_config import deepseek_v3_config
 from mha2mla.value_path import (JOINT_MAX_FEATURES, HeadwiseValueFit, ValuePathFit, moment_stride, value_path_prior,
                                 with_head_values, with_value_path)
-from mha2mla.writer import ShardWriter, atomic_output_dir, check_output_path, parse_size
+from mha2mla.writer import ShardWriter, atomic_output_dir, check_output_path, shard_bytes
 
 __all__ = ["convert", "ConversionResult"]
 
@@ -406,6 +406,7 @@ def convert(
     if kv_budget is not None and rope_dim is not None:
         raise Mha2mlaError("--kv-budget chooses --rope-dim itself; drop --rope-dim (or use --rank)")
     device = _check_device(device) if calibration is not None else torch.device("cpu")
+    n_shard_bytes = shard_bytes(max_shard_size)
     src = load_source(source)
     gguf_file = os.path.join(*src.gguf) if src.gguf else None
     calib_file = calibration if isinstance(calibration, str) and os.path.exists(calibration) else None
@@ -463,13 +464,12 @@ def convert(
         fit_stride = _output_fit_stride(method, plan)
         if method.output_fit:
             calib_info["output_fit_stride"] = fit_stride
-    shard_bytes = parse_size(max_shard_size)
     compute = _compute_dtype(plan.hidden)
     out_dt = plan.torch_dtype
     s = plan.residual_scale
     stats: list[LayerStats] = []
     with atomic_output_dir(os.fspath(output), force=force, protect=protect) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes=shard_bytes)
+        writer = ShardWriter(tmp, max_shard_bytes=n_shard_bytes)
         embed = src.get("model.embed_tokens.weight")
         writer.add("model.embed_tokens.weight", _scaled(embed, s, out_dt))
         if not plan.tie_embeddings:
@@ -478,7 +478,7 @@ def convert(
         del embed
         writer.add("model.norm.weight", src.get("model.norm.weight").to(out_dt))
         desc = "calibrating and converting layers" if prop is not None else "converting layers"
-        bar = tqdm(range(plan.n_layers), desc=desc, unit="layer", disable=not progress)
+        bar = Steps(plan.n_layers, desc=desc, enabled=progress)
         for i in bar:
             t_layer = time.time()
             attn, rest = _layer_tensors(src, i, compute)

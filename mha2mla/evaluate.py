@@ -19,7 +19,8 @@ import os
 from collections.abc import Sequence
 from importlib import metadata
 
-from mha2mla.data import load_texts, load_tokenizer
+from mha2mla.data import load_texts
+from mha2mla.loading import load_tokenizer, quiet_loading
 from mha2mla.errors import Mha2mlaError
 from mha2mla.eval_report import make_row, plot_recovery, render_markdown
 from mha2mla.eval_tasks import dir_stamp, finite, first_line, resolve_tasks, run_lm_eval, sha, task_entry, task_stamp
@@ -121,8 +122,9 @@ def _load_model(path: str, *, dtype: str, device: str):
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False,
-                                                           output_loading_info=True)
+        with quiet_loading():
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False,
+                                                               output_loading_info=True)
     except Exception as e:
         raise Mha2mlaError(f"cannot load model {path!r} as a causal LM: {first_line(e)}") from None
     # transformers fills a missing weight randomly and drops an unexpected one: scoring that would be meaningless.

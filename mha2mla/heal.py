@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from mha2mla.data import token_blocks
+from mha2mla.loading import load_tokenizer, quiet_loading
 from mha2mla.errors import Mha2mlaError
 from mha2mla.heal_io import finish_output, latest_checkpoint, model_card, read_trainer_state, save_checkpoint
 from mha2mla.heal_io import prepare_tokens, write_loss_plot
@@ -43,16 +44,35 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def _make_accelerator(rc: HealRecipe):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     if AcceleratorState._shared_state:  # an earlier run in this process (tests, notebooks) fixed other settings
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
     # Long barrier timeout: the main process tokenises the data while the others wait.
     kwargs = [InitProcessGroupKwargs(timeout=datetime.timedelta(hours=4))]
-    return Accelerator(mixed_precision=rc.mixed_precision, gradient_accumulation_steps=rc.gradient_accumulation_steps,
-                       kwargs_handlers=kwargs)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    # accelerate joins processes on a machine without an accelerator only when asked for the CPU (gloo); its FSDP
+    # launcher does not ask, so say it here. FSDP itself is then switched on below: accelerate's FSDP2 path runs on
+    # CPU tensors, it just never selects it for MULTI_CPU.
+    cpu = world > 1 and not torch.cuda.is_available()
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    plugin = None
+    if cpu and fsdp:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()  # its settings come from the launcher's environment
+    acc = Accelerator(mixed_precision=rc.mixed_precision, gradient_accumulation_steps=rc.gradient_accumulation_steps,
+                      kwargs_handlers=kwargs, cpu=cpu, fsdp_plugin=plugin)
+    if plugin is not None and acc.distributed_type == DistributedType.MULTI_CPU:
+        acc.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        acc.state.fsdp_plugin = plugin
+    if acc.num_processes != world:  # each process would heal alone and all would write the same output
+        raise Mha2mlaError(f"the launcher started {world} processes but accelerate joined {acc.num_processes}; "
+                           "check the accelerate config (distributed_type, use_cpu)")
+    return acc
 
 
 def _load_lm(path: str, what: str, dtype: torch.dtype, attn: str = "auto"):
@@ -61,7 +81,9 @@ def _load_lm(path: str, what: str, dtype: torch.dtype, attn: str = "auto"):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise Mha2mlaError(f"{what} {path!r} is not a model directory (no config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager" if attn == "eager" else None)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                         attn_implementation="eager" if attn == "eager" else None)
         if attn != "eager":
             _use_sdpa(model, path, what, required=attn == "sdpa")
         return model
@@ -79,10 +101,14 @@ def _use_sdpa(model, path: str, what: str, *, required: bool) -> None:
     model.set_attn_implementation(register_sdpa())
 
 
-def _memory_plan(rc: HealRecipe, net, device: torch.device) -> dict:
-    """The recipe's memory settings with ``auto`` resolved for this model, batch and device."""
-    trainable = sum(p.numel() for p in net.parameters())
-    state = trainable * (net.dtype.itemsize * 2 + 8)  # weights and gradients in the training dtype, AdamW's 2 fp32 moments
+def _memory_plan(rc: HealRecipe, net) -> dict:
+    """The recipe's memory settings with ``auto`` resolved for this model and micro-batch.
+
+    Gradient checkpointing pays when the activations kept for the backward pass would outweigh the weights,
+    gradients and AdamW moments; below that it costs a second forward pass for little memory.
+    """
+    n_params = sum(p.numel() for p in net.parameters())
+    state = n_params * (net.dtype.itemsize * 2 + 8)  # weights and gradients in the training dtype, AdamW's 2 fp32 moments
     act = activation_bytes(net.config, tokens=rc.tokens_per_micro_batch,
                            bytes_per_value=2 if rc.mixed_precision == "bf16" or rc.dtype == "bfloat16" else 4)
     gc = rc.gradient_checkpointing
@@ -94,13 +120,7 @@ def _memory_plan(rc: HealRecipe, net, device: torch.device) -> dict:
 
 
 def _load_tokenizer(path: str, what: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise Mha2mlaError(f"{what} {path!r} has no usable tokenizer ({first[:200]})") from None
+    return load_tokenizer(path, what=what)
 
 
 def _vocab(model) -> int:
@@ -232,7 +252,6 @@ def heal(
         raise Mha2mlaError("no data: pass --data (a .txt/.jsonl file, a directory, or hf:DATASET) or set data: in the recipe")
     rc = dataclasses.replace(rc, data=_abs_if_local(rc.data), teacher=_abs_if_local(rc.teacher))
     model_dir = os.path.abspath(os.fspath(model))
-    output = os.path.abspath(os.fspath(output))
     if not os.path.isdir(model_dir):
         raise Mha2mlaError(f"model {os.fspath(model)!r} does not exist or is not a directory")
     if rc.teacher is not None and not os.path.isdir(rc.teacher):
@@ -240,8 +259,8 @@ def heal(
     _check_mla(model_dir, os.fspath(model))
     # One guard for every command that replaces a directory: never the working or home directory, a root, a
     # directory we did not write, nor one holding the model, the teacher or the data.
-    check_output_path(output, force=force or resume,
-                      protect=(("model", model_dir), ("teacher", rc.teacher), ("data", _local(rc.data))))
+    output = check_output_path(os.fspath(output), force=force or resume,
+                               protect=(("model", model_dir), ("teacher", rc.teacher), ("data", _local(rc.data))))
 
     acc = _make_accelerator(rc)
     if not acc.is_main_process:
@@ -303,7 +322,7 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
         teacher_net = teacher_net.to(acc.device).eval().requires_grad_(False)
         _check_teacher(teacher_net, rc.teacher, net, tokenizer)
     net.to(acc.device)
-    plan = _memory_plan(rc, net, acc.device)
+    plan = _memory_plan(rc, net)
     # The fused head needs the head's weight outside the model's forward: not under FSDP, which shards it.
     fuse_head = acc.distributed_type.value != "FSDP"
     plan["fused_head"] = fuse_head
@@ -360,7 +379,12 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
     hist = {"losses": [], "ce": [], "kd": [], "lr": [], "grad_norm": []}
     step, resumed_from = 0, []
     if state:
-        acc.load_state(ckpt)
+        try:
+            acc.load_state(ckpt)
+        except Exception as e:  # a truncated or corrupt file of the checkpoint
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise Mha2mlaError(f"--resume: checkpoint {ckpt} cannot be read ({first}); delete it to resume from an "
+                               "earlier one, or start over with --force") from None
         scheduler.load_state_dict(state["scheduler"])
         step, hist, resumed_from = state["step"], state["history"], state["resumed_from"] + [state["step"]]
         logger.info("resumed from %s at step %d", ckpt, step)

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from mha2mla.errors import Mha2mlaError, UnsupportedSourceError
+from mha2mla.loading import quiet_loading
 
 __all__ = ["SourceModel", "load_source", "SUPPORTED_ARCHITECTURES"]
 
@@ -244,7 +245,8 @@ def _load_gguf(file: str, name: str) -> tuple[dict, dict, torch.dtype]:
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     validate_config(cfg, name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     return cfg, dict(model.state_dict()), torch.float32
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from mha2mla.errors import Mha2mlaError
 
-__all__ = ["atomic_output_dir", "check_output_path", "is_our_output", "ShardWriter", "parse_size"]
+__all__ = ["atomic_output_dir", "check_output_path", "is_our_output", "ShardWriter", "parse_size", "shard_bytes"]
 
 _TMP_TAG = ".mha2mla-tmp-"
 
@@ -35,6 +35,14 @@ def parse_size(size: str | int) -> int:
         return int(s)
     except ValueError:
         raise Mha2mlaError(f"size {size!r} is not understood; write e.g. 2GB or 500MB") from None
+
+
+def shard_bytes(size: str | int) -> int:
+    """``--max-shard-size`` in bytes, which must be positive."""
+    n = parse_size(size)
+    if n <= 0:
+        raise Mha2mlaError(f"--max-shard-size must be a positive size such as 500MB, got {size!r}")
+    return n
 
 
 def _pid_alive(pid: int) -> bool:
@@ -185,6 +193,11 @@ def atomic_output_dir(output: str, *, force: bool = False, protect: tuple = ()) 
         if e.errno == errno.ENOSPC:
             raise Mha2mlaError(f"no space left on the device while writing {output}; nothing was written") from None
         raise Mha2mlaError(f"cannot write {output} ({e.strerror or e}); nothing was written") from None
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "No space left on device" in str(e):  # safetensors' own error type, not an OSError
+            raise Mha2mlaError(f"no space left on the device while writing {output}; nothing was written") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -62,6 +62,16 @@ def base(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def mla(base):
+    """A converted (MLA) checkpoint of ``base["src"]``, for heal and eval."""
+    import mha2mla
+
+    out = base["root"] / "mla"
+    mha2mla.convert(source=base["src"], output=str(out), rank=16, progress=False)
+    return str(out)
+
+
 def _copy(base, tmp_path, which="src") -> str:
     dst = tmp_path / which
     shutil.copytree(base[which], dst)
@@ -268,11 +278,11 @@ def test_bad_calibration_data(base, tmp_path, kind, phrase):
     _assert_user_error(_convert(base["src"], out, "--calibration", data), phrase, out)
 
 
-def test_heal_with_empty_data(base, tmp_path):
+def test_heal_with_empty_data(mla, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n   \n")
     out = tmp_path / "healed"
-    r = _cli("heal", base["src"], "--output", out, "--data", empty, "--seq-len", 16, "-q")
+    r = _cli("heal", mla, "--output", out, "--data", empty, "--seq-len", 16, "-q")
     _assert_user_error(r, f"data {str(empty)!r} is empty", out)
 
 
@@ -293,8 +303,10 @@ def test_eval_with_an_unknown_task(base, tmp_path):
 # --- disk full (in-process: a monkeypatch cannot cross a subprocess) -----------------------------------------------
 
 
-def test_disk_full_leaves_nothing(base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["OSError", "SafetensorError"])
+def test_disk_full_leaves_nothing(base, tmp_path, monkeypatch, kind):
     import safetensors.torch
+    from safetensors import SafetensorError
     from click.testing import CliRunner
 
     import mha2mla
@@ -308,6 +320,9 @@ def test_disk_full_leaves_nothing(base, tmp_path, monkeypatch):
     def full_after_one_shard(tensors, filename, **kw):
         calls.append(filename)
         if len(calls) > 1:  # the first shard lands on disk, the second finds the disk full
+            if kind == "SafetensorError":  # what safetensors' writer really raises
+                raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                      'message: "No space left on device" })')
             raise OSError(errno.ENOSPC, "No space left on device", filename)
         return real(tensors, filename, **kw)
 
@@ -323,6 +338,31 @@ def test_disk_full_leaves_nothing(base, tmp_path, monkeypatch):
     assert r.exit_code == 2, r.output
     assert r.stderr.strip().startswith("error: no space left on the device") and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.output and not out.exists() and _leftovers(out) == []
+
+
+def test_error_mid_conversion_erases_the_progress_bar(base, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import mha2mla.conversion as conversion
+    from mha2mla.cli import main
+    from mha2mla.errors import Mha2mlaError
+
+    real = conversion.convert_attention
+    seen = []
+
+    def fail_on_second_layer(**kw):
+        seen.append(1)
+        if len(seen) == 2:
+            raise Mha2mlaError("a problem found at layer 1")
+        return real(**kw)
+
+    monkeypatch.setattr(conversion, "convert_attention", fail_on_second_layer)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["convert", base["src"], "-o", str(out), "-r", "8"])
+    assert r.exit_code == 2 and "converting layers" in r.stderr  # the bar was drawn ...
+    shown = [line.split("\r")[-1] for line in r.stderr.split("\n")]  # ... and erased: what a terminal shows
+    assert [line for line in shown if line.strip()] == ["error: a problem found at layer 1"], r.stderr
+    assert not out.exists() and _leftovers(out) == []
 
 
 # --- interruptions -------------------------------------------------------------------------------------------------
@@ -449,3 +489,266 @@ def test_auto_map_code_is_never_imported(base, tmp_path):
     assert not [n for n in os.listdir(out) if n.endswith(".py")]
     assert "auto_map" not in load_json(out / "config.json")
     assert load_json(out / "mha2mla.json")["source"]["ignored_auto_map"] == cfg["auto_map"]
+
+
+# --- paths a command must never replace (data loss) ----------------------------------------------------------------
+
+
+def _tree(root) -> dict:
+    """Every file under ``root`` with its size and mtime: 'the same files on disk as before'."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for n in files:
+            p = os.path.join(d, n)
+            st = os.stat(p)
+            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("output,phrase", [
+    (".", "is the working directory"),
+    ("", "--output is empty"),
+    ("..", "a parent of the working directory"),
+    ("src", "is inside the source directory"),
+])
+def test_convert_force_never_replaces_the_working_directory(base, tmp_path, output, phrase):
+    work = tmp_path / "work"
+    work.mkdir()
+    src = shutil.copytree(base["src"], work / "src")
+    (work / "notes.txt").write_text("user data")
+    before = _tree(tmp_path)
+    r = _cli("convert", src, "--output", output, "--rank", 8, "--force", "-q", cwd=work)
+    _assert_user_error(r, phrase)
+    assert _tree(tmp_path) == before
+
+
+def test_convert_force_never_replaces_a_parent_of_the_source_home_or_root(base, tmp_path):
+    parent = tmp_path / "models"
+    src = shutil.copytree(base["src"], parent / "src")
+    (parent / "mha2mla.json").write_text("{}")  # even one that looks like our output
+    home = tmp_path / "home"
+    home.mkdir()
+    before = _tree(tmp_path)
+    _assert_user_error(_convert(src, parent, "--force"), "contains the source")
+    env_home = {**ENV, "HOME": str(home)}
+    r = subprocess.run([sys.executable, "-m", "mha2mla", "convert", src, "--output", str(home), "--rank", "8",
+                        "--force", "-q"], capture_output=True, text=True, env=env_home, cwd=ROOT, timeout=120)
+    _assert_user_error(r, "is the home directory")
+    _assert_user_error(_convert(src, "/", "--force"), "is a filesystem root")
+    assert _tree(tmp_path) == before
+
+
+def test_heal_force_never_replaces_the_working_directory(mla, base, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("user data")
+    before = _tree(tmp_path)
+    for output, phrase in (("", "--output is empty"), (".", "is the working directory")):
+        r = _cli("heal", mla, "--output", output, "--data", base["text"], "--force", "--seq-len", 16, "-q", cwd=work)
+        _assert_user_error(r, phrase)
+    assert _tree(tmp_path) == before
+
+
+def test_heal_force_is_atomic(mla, base, tmp_path):
+    """A user error found after --force was accepted (a teacher with another vocabulary) leaves the old output."""
+    old = shutil.copytree(mla, tmp_path / "healed")  # a previous output of ours
+    teacher = build_source(tmp_path / "teacher", n_kv=2, vocab=120)
+    before = _tree(tmp_path)
+    r = _cli("heal", mla, "--output", old, "--data", base["text"], "--teacher", teacher, "--force", "--seq-len", 16,
+             "--max-steps", 1, "-q")
+    _assert_user_error(r, "has a vocabulary of 120 logits")
+    assert _tree(tmp_path) == before and _leftovers(old) == []
+
+
+def test_heal_interrupted_by_sigterm_before_writing(mla, base, tmp_path):
+    """SIGTERM while the data is read: exit 130, the one interruption line, and no OUTPUT (not even .heal-data)."""
+    out = tmp_path / "healed"
+    slow = SLOW_CLI.replace("import mha2mla.conversion as c", "import mha2mla.heal as c").replace(
+        "real = c.convert_attention", "real = c.token_blocks").replace("c.convert_attention = slow", "c.token_blocks = slow")
+    slow = slow.replace("def slow(**kw):", "def slow(*a, **kw):").replace("return real(**kw)", "return real(*a, **kw)")
+    p = subprocess.Popen([sys.executable, "-c", slow, "heal", mla, "--output", str(out), "--data", base["text"],
+                          "--seq-len", "16", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=ENV, cwd=ROOT)
+    cache = out / ".heal-data" / "tokens.json"
+    deadline = time.time() + 120
+    while not cache.exists():
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            pytest.fail(f"heal never tokenised its data: {p.communicate()}")
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    r = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == "error: interrupted; no output was written"
+    assert not out.exists() and _leftovers(out) == []
+
+
+def test_convert_interrupted_by_sigterm_before_writing(base, tmp_path):
+    out = tmp_path / "out"
+    slow = SLOW_CLI.replace("real = c.convert_attention", "real = c.load_source").replace(
+        "c.convert_attention = slow", "c.load_source = slow").replace("def slow(**kw):", "def slow(*a, **kw):").replace(
+        "return real(**kw)", "return real(*a, **kw)").replace("time.sleep(60)", "open(%r, 'w').close(); time.sleep(60)"
+                                                              % str(tmp_path / "started"))
+    p = subprocess.Popen([sys.executable, "-c", slow, "convert", base["src"], "--output", str(out), "--rank", "8", "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists():
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            pytest.fail(f"convert never started: {p.communicate()}")
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    _assert_user_error(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr),
+                       "interrupted; no output was written", out)
+    assert p.returncode == 130
+
+
+# --- user errors that used to be tracebacks or silent ---------------------------------------------------------------
+
+
+def test_calibration_without_a_tokenizer(base, tmp_path):
+    src = _copy(base, tmp_path)
+    for n in os.listdir(src):
+        if n.startswith(("tokenizer", "special_tokens")):
+            os.remove(os.path.join(src, n))
+    out = tmp_path / "out"
+    _assert_user_error(_convert(src, out, "--calibration", base["text"]), "has no tokenizer", out)
+
+
+def test_calibration_file_is_checked_before_the_tokenizer(base, tmp_path):
+    src = _copy(base, tmp_path)
+    (tmp_path / "src" / "tokenizer.json").write_text("{ not json")
+    out = tmp_path / "out"
+    _assert_user_error(_convert(src, out, "--calibration", tmp_path / "missing.txt"), "does not exist", out)
+    _assert_user_error(_convert(src, out, "--calibration", base["text"]), "its tokenizer cannot be loaded", out)
+
+
+def test_tokenizer_larger_than_the_vocabulary(base, tmp_path, mla):
+    small = build_source(tmp_path / "small", n_kv=2, vocab=20)  # the corpus tokenizer has more than 20 words
+    out = tmp_path / "out"
+    _assert_user_error(_convert(small, out, "--calibration", base["text"]), "the tokenizer has", out)
+    res = tmp_path / "res.json"
+    r = _cli("eval", small, "--ppl-data", base["text"], "--no-cache", "--output", res, "-q")
+    _assert_user_error(r, "does not belong to this model", res)
+
+
+def test_eval_refuses_missing_weights(mla, base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(mla, tmp_path / "broken")
+    index = load_json(model / "model.safetensors.index.json")
+    name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    shard = model / index["weight_map"].pop(name)
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    res = tmp_path / "res.json"
+    r = _cli("eval", model, "--ppl-data", base["text"], "--no-cache", "--output", res, "-q")
+    line = _assert_user_error(r, "does not load cleanly: 1 missing keys", res)
+    assert name in line
+
+
+def test_eval_without_a_tokenizer(mla, base, tmp_path):
+    model = shutil.copytree(mla, tmp_path / "notok")
+    for n in os.listdir(model):
+        if n.startswith(("tokenizer", "special_tokens")):
+            os.remove(model / n)
+    res = tmp_path / "res.json"
+    r = _cli("eval", model, "--ppl-data", base["text"], "--no-cache", "--output", res, "-q")
+    line = _assert_user_error(r, "has no tokenizer (none of tokenizer.json, tokenizer_config.json); copy the", res)
+    assert line.endswith("into it")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_eval_on_cuda_without_a_gpu(mla, base, tmp_path):
+    res = tmp_path / "res.json"
+    r = _cli("eval", mla, "--ppl-data", base["text"], "--device", "cuda", "--no-cache", "--output", res, "-q")
+    _assert_user_error(r, "torch sees no CUDA device here", res)
+
+
+def test_heal_resume_from_a_truncated_checkpoint(mla, base, tmp_path):
+    out = tmp_path / "healed"
+    common = ["heal", mla, "--output", out, "--data", base["text"], "--seq-len", 16, "--micro-batch-size", 2,
+              "--save-every", 1, "-q"]
+    p = subprocess.Popen([sys.executable, "-m", "mha2mla", *map(str, common), "--max-steps", "200"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    states = os.path.join(out, "checkpoints", "step-*", "trainer_state.json")
+    deadline = time.time() + 120
+    while not glob.glob(states):
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            pytest.fail(f"heal never saved a checkpoint: {p.communicate()}")
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    for ckpt in glob.glob(os.path.join(out, "checkpoints", "step-*")):
+        for n in os.listdir(ckpt):
+            if n.endswith((".safetensors", ".bin")):
+                path = os.path.join(ckpt, n)
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+    before = _tree(out)
+    r = _cli(*common, "--max-steps", 300, "--resume")
+    _assert_user_error(r, "cannot be read")
+    assert _tree(out) == before
+
+
+def test_heal_refusals(mla, base, tmp_path):
+    out = tmp_path / "healed"
+    r = _cli("heal", base["src"], "--output", out, "--data", base["text"], "-q")
+    _assert_user_error(r, "not an MLA one (no kv_lora_rank)", out)
+    r = _cli("heal", mla, "--output", out, "--data", base["text"], "--resume", "-q")
+    _assert_user_error(r, "has no checkpoint (checkpoints/step-N) to resume from", out)
+    r = _cli("heal", mla, "--output", out, "--data", base["text"], "--set", "seq_len=abc", "--seq-len", 16, "-q")
+    _assert_user_error(r, "--set seq_len='abc' and --seq-len both set seq_len", out)
+
+
+@pytest.mark.parametrize("content,phrase", [
+    ('{"body": "the cat sat"}\n', "no 'text' field (found ['body']); put each document's text under 'text'"),
+    ('{"text": 5}\n', "the 'text' field is a int, not a string"),
+])
+def test_jsonl_without_text(base, tmp_path, content, phrase):
+    data = tmp_path / "calib.jsonl"
+    data.write_text(content)
+    out = tmp_path / "out"
+    line = _assert_user_error(_convert(base["src"], out, "--calibration", data), phrase, out)
+    assert "--text-field" not in line  # convert has no such option
+
+
+def test_bad_shapes_and_sizes(base, tmp_path):
+    src = _copy(base, tmp_path)
+    cfg = load_json(os.path.join(src, "config.json"))
+    out = tmp_path / "out"
+    _assert_user_error(_convert(base["src"], out, "--max-shard-size", "0"), "--max-shard-size must be a positive size", out)
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 3, "num_key_value_heads": 3,
+                                                              "head_dim": None}))
+    _assert_user_error(_convert(src, out), "hidden_size 64 is not a multiple of num_attention_heads 3", out)
+
+
+def test_unknown_source_tensor_is_refused(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(base, tmp_path)
+    path = os.path.join(src, "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    save_file(tensors, path, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    _assert_user_error(_convert(src, out), "'model.layers.0.self_attn.q_norm.weight'; converting would drop them", out)
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    for args, phrase in ((["convert"], "Missing argument 'SOURCE'"),
+                         (["convert", "x", "-o", tmp_path / "o", "--rank", "abc"], "'abc' is not a valid integer"),
+                         (["no-such-command"], "No such command")):
+        r = _cli(*args)
+        assert r.returncode == 2
+        _assert_user_error(r, phrase)
+
+
+def test_model_card_names_no_local_path(mla):
+    card = open(os.path.join(mla, "README.md"), encoding="utf-8").read()
+    assert "base_model: src\n" in card and str(os.path.dirname(mla)) not in card and "pypi.org" not in card
