@@ -3,7 +3,10 @@
 What their DeepSeek-V2/V3 loaders accept, read from their model code (see MLA-FORMAT.md): bias-free attention (stray
 ``.bias`` tensors are skipped silently), any rope type but the default rewritten to DeepSeek YaRN, the interleaved RoPE
 layout hard-coded, ``rms_norm_eps`` used for the latent norm (transformers always uses 1e-6), MoE built for every layer
-``>= first_k_dense_replace`` when ``n_routed_experts`` is set, and one KV head per query head.
+``>= first_k_dense_replace`` when ``n_routed_experts`` is set, one KV head per query head, and ``lm_head`` never tied
+to the embedding. Re-read in vLLM 0.32.0's ``vllm/model_executor/models/deepseek_v2.py`` (``kv_a_layernorm`` built with
+``config.rms_norm_eps``; a non-default ``rope_type`` rewritten to DeepSeek YaRN; ``get_rope(..., is_neox_style=False)``;
+every attention linear ``bias=False``; a separate ``ParallelLMHead``); the SGLang rows are from MLA-FORMAT.md.
 
 >>> portability_blockers({"model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 2,
 ...                       "rms_norm_eps": 1e-5}, ["model.layers.0.self_attn.kv_b_proj.weight"])  # doctest: +ELLIPSIS
