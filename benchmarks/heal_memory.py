@@ -13,7 +13,8 @@ distillation when ``--teacher`` is given) in a fresh Python process, so each pea
 
 A configuration is ``NAME[:KEY=VALUE,...]``: recipe keys (``gradient_checkpointing=false``, ``loss_chunk_tokens=0``,
 ``attn_implementation=eager``, ...), ``recipe=PATH`` for a recipe file, ``teacher=DIR`` (``teacher=`` for none;
-default ``--teacher``), and ``code=DIR``, a directory whose
+default ``--teacher``), ``NAME=VALUE`` in capitals for an environment variable of the run (e.g. glibc's
+``MALLOC_MMAP_THRESHOLD_``), and ``code=DIR``, a directory whose
 ``mha2mla`` package is imported instead of this checkout's (e.g. ``git archive HEAD mha2mla | tar -x -C DIR``: the
 code before a change, measured by the same script under the same conditions). Tokens/s is the heal record's: the
 training tokens of all the run's steps over the loop's wall time (the first step included).
@@ -37,13 +38,16 @@ ASSETS = Path(os.environ.get("MHA2MLA_ASSETS", "/work/assets"))
 
 def _parse_config(spec: str) -> dict:
     name, _, rest = spec.partition(":")
-    cfg = {"name": name, "code": None, "recipe": None, "teacher": None, "keys": {}}
+    cfg = {"name": name, "code": None, "recipe": None, "teacher": None, "env": {}, "keys": {}}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --config {spec!r}: {item!r} is not KEY=VALUE")
         if key in ("code", "recipe", "teacher"):
             cfg[key] = value
+            continue
+        if key.isupper():  # an environment variable of the run, e.g. MALLOC_MMAP_THRESHOLD_=4194304
+            cfg["env"][key] = value
             continue
         import yaml
 
@@ -68,14 +72,21 @@ def _args(argv=None):
     return p.parse_args(argv)
 
 
-def _hwm_bytes() -> int | None:
+def _status_bytes(pid: int | str, field: str) -> int | None:
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
+    return None
+
+
+def _hwm_bytes() -> int | None:
+    hwm = _status_bytes("self", "VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -87,6 +98,8 @@ def _child(spec: str) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    import resource
+
     import torch
 
     import mha2mla
@@ -112,6 +125,10 @@ def _child(spec: str) -> None:
         "step0_converted_loss": rec["step0"]["converted_loss"],
         "recipe": rec["recipe"], "memory": rec.get("memory"), "torch_threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() and job["device"] != "cpu" else "cpu",
+        # the whole process's CPU time (loading and the step-0 pass included) and the machine's load at the end:
+        # on a shared machine, wall-clock tokens/s depends on what else runs
+        "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+        "load_average_1min_at_end": os.getloadavg()[0],
     }
     print("HEAL_MEMORY_RESULT " + json.dumps(out), flush=True)
 
@@ -128,26 +145,39 @@ def _run_config(cfg: dict, args) -> dict:
     teacher = args.teacher if cfg["teacher"] is None else cfg["teacher"]
     job = {"model": args.model, "teacher": teacher, "data": args.data, "recipe": cfg["recipe"], "keys": keys,
            "steps": args.steps, "threads": args.threads, "device": args.device}
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **cfg["env"])
     code = str(Path(cfg["code"]).resolve()) if cfg["code"] else str(ROOT)
     env["PYTHONPATH"] = code + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     print(f"== {cfg['name']}: code {code}, keys {keys}", flush=True)
     t = time.time()
-    try:
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)], env=env,
-                           capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"name": cfg["name"], "error": f"timed out after {args.timeout} s"}
-    sys.stderr.write(p.stderr[-4000:])
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("HEAL_MEMORY_RESULT ")]
+    # The child's log goes to our stderr as it runs; its peak RSS is also sampled from here, so that a run killed
+    # for memory still reports how far it got.
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)], env=env,
+                         stdout=subprocess.PIPE, text=True)
+    observed = 0
+    out_lines: list[str] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: out_lines.extend(p.stdout), daemon=True)
+    reader.start()
+    while p.poll() is None:
+        observed = max(observed, _status_bytes(p.pid, "VmHWM") or 0)
+        if time.time() - t > args.timeout:
+            p.kill()
+            p.wait()
+            return {"name": cfg["name"], "error": f"timed out after {args.timeout} s",
+                    "peak_rss_bytes_observed": observed or None}
+        time.sleep(0.5)
+    reader.join(timeout=10)
+    line = [ln.strip() for ln in out_lines if ln.startswith("HEAL_MEMORY_RESULT ")]
     if p.returncode != 0 or not line:
-        return {"name": cfg["name"], "error": f"exit {p.returncode}", "stderr_tail": p.stderr[-2000:],
+        return {"name": cfg["name"], "error": f"exit {p.returncode}", "peak_rss_bytes_observed": observed or None,
                 "wall_seconds": round(time.time() - t, 1)}
     res = json.loads(line[-1].split(" ", 1)[1])
     commit = None
     if cfg["code"] and (Path(cfg["code"]) / "COMMIT").is_file():
         commit = (Path(cfg["code"]) / "COMMIT").read_text().strip()
-    return {"name": cfg["name"], "keys": cfg["keys"], "recipe_file": cfg["recipe"], "teacher": teacher or None,
+    return {"name": cfg["name"], "keys": cfg["keys"], "env": cfg["env"], "recipe_file": cfg["recipe"], "teacher": teacher or None,
             "commit": commit, **res,
             "wall_seconds": round(time.time() - t, 1)}
 
@@ -170,8 +200,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print("\n| configuration | peak host RSS GiB | peak GPU GiB | tokens/s | step-1 loss |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| configuration | peak host RSS GiB | peak GPU GiB | tokens/s | process CPU s | step-1 loss |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in runs:
         _print_row(r, table=True)
     print(f"\nwrote {out}")
@@ -184,10 +214,11 @@ def _gib(b) -> str:
 
 def _print_row(r: dict, table: bool = False) -> None:
     if "error" in r:
-        print(f"| {r['name']} | {r['error']} | | | |" if table else f"{r['name']}: {r['error']}\n{r.get('stderr_tail', '')}")
+        seen = f"{r['error']}; ≥ {_gib(r.get('peak_rss_bytes_observed'))} seen"
+        print(f"| {r['name']} | {seen} | | | | |" if table else f"{r['name']}: {seen}")
         return
     row = (f"| {r['name']} | {_gib(r['peak_rss_bytes'])} | {_gib(r['peak_device_memory_bytes'])} | "
-           f"{r['tokens_per_second']} | {r['losses'][0]:.6f} |")
+           f"{r['tokens_per_second']} | {r.get('cpu_seconds', '-')} | {r['losses'][0]:.6f} |")
     print(row, flush=True)
 
 

@@ -15,6 +15,16 @@ gradient clipping). Healing therefore trains them in an exactly equivalent form:
 so the optimizer sees normal-sized weights and gradients, and a step of size lr on ``W_lat/s`` is a step of size
 lr·s on ``W_lat``: the learning rate of those rows is scaled by s. Powers of two make the change of form exact in
 floating point; the saved checkpoint is always in the stock form.
+
+Memory
+------
+The loss never holds the logits of a whole micro-batch (``tokens × vocab`` floats, several copies of them for the
+softmaxes and the KL): :func:`chunked_lm_loss` takes the final hidden states and the head's weight, makes one chunk
+of logits at a time, and accumulates the gradients with respect to the hidden states and the head on the way
+(``softmax − one-hot`` for cross-entropy, ``T·(p_s − p_t)`` for the distillation KL), so the backward pass only
+scales them. :func:`split_head` makes a causal LM return its final hidden states instead of logits, and
+:data:`SDPA` is transformers' SDPA attention with the values padded to the query/key head size, so that MLA's
+unequal head sizes still get PyTorch's fused kernels instead of the math fallback that keeps the probabilities.
 """
 
 from __future__ import annotations
