@@ -15,8 +15,10 @@
 #      heal-gpu.json. With HEAL_BEFORE=DIR (a directory holding an older `mha2mla` package, e.g. made by
 #      `git archive COMMIT mha2mla | tar -x -C DIR`, carried with the tree), benchmarks/heal_memory.py also measures
 #      that code and this one with distillation, same recipe, same steps: heal-memory-gpu.json.
-#   4. benchmarks/convert_memory.py: calibrated conversion (32 sequences) of one Llama-2-7B-width layer at 512+64.
-# Writes OUT/log.txt, OUT/inference-gpu.json, OUT/convert-gpu.json, OUT/heal-gpu.json, OUT/convert-7b-gpu.json
+#   4. benchmarks/convert_scale.py: calibrated conversion at 512+64 of a random llama3-8b (SCALE_LAYERS layers, default
+#      32) and of one llama3-70b layer: seconds per layer, peak GPU memory, peak host RSS.
+# Writes OUT/log.txt, OUT/inference-gpu.json, OUT/convert-gpu.json, OUT/heal-gpu.json,
+# OUT/convert-scale-llama3-8b-gpu.json, OUT/convert-scale-llama3-70b-gpu.json
 # (and OUT/heal-memory-gpu.json with HEAL_BEFORE).
 set -u
 A=$(realpath "${1:-gpu_assets}")
@@ -42,12 +44,12 @@ if [ "$SMOKE" = 1 ]; then
   INF=(--configs tiny --contexts 256 --new-tokens 4 --dtype float32)
   SRC_LAYERS=2; CAL=(--calibration-samples 4 --calibration-length 64)
   HEAL=(--max-steps 2 --micro-batch-size 1 --grad-accum 1 --seq-len 64 --mixed-precision no)
-  BIG=()  # a calibrated Llama-2-7B-width layer takes many minutes on a CPU: skipped
+  BIG=()  # calibrated 8B/70B-width layers take many minutes on a CPU: skipped
 else
   INF=(--configs smollm2,llama2-7b --contexts 4096,16384 --new-tokens 32 --dtype bfloat16)
   SRC_LAYERS=30; CAL=()
   HEAL=(--max-steps 20)
-  BIG=(--layers 1 --samples 32)
+  BIG=(on)
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
@@ -109,10 +111,14 @@ if [ -n "${HEAL_BEFORE:-}" ] && [ -d "${HEAL_BEFORE}/mha2mla" ]; then
     --config "after-kd:recipe=$R,warmup_steps=2,decay_steps=2" --out "$O/heal-memory-gpu.json"
 fi
 
-if [ ${#BIG[@]} -gt 0 ]; then
-  step 120 "convert Llama-2-7B-width layers (calibrated, $DEVICE)" $PY benchmarks/convert_memory.py "${BIG[@]}" \
-    --tokenizer "$A/tok" --calibration "$A/enwiki.train.txt" --device "$DEVICE" --work-dir "$W/cm" \
-    --out "$O/convert-7b-gpu.json"
+if [ ${#BIG[@]} -gt 0 ]; then  # real sizes: llama3-8b (SCALE_LAYERS layers, default all 32) and one llama3-70b layer
+  step 420 "convert llama3-8b x ${SCALE_LAYERS:-32} layers (calibrated, $DEVICE)" $PY benchmarks/convert_scale.py \
+    --shape llama3-8b --layers "${SCALE_LAYERS:-32}" --tokenizer "$A/tok" --calibration "$A/enwiki.train.txt" \
+    --device "$DEVICE" --work-dir "$W/cs" --json "$O/convert-scale-llama3-8b-gpu.json"
+  rm -rf "$W/cs"
+  step 240 "convert one llama3-70b layer (calibrated, $DEVICE)" $PY benchmarks/convert_scale.py \
+    --shape llama3-70b --layers 1 --tokenizer "$A/tok" --calibration "$A/enwiki.train.txt" \
+    --device "$DEVICE" --work-dir "$W/cs" --json "$O/convert-scale-llama3-70b-gpu.json"
 fi
 rm -rf "$W"
 log "done"

@@ -6,7 +6,8 @@ them to the kernel on ``free``, so every such tensor is paid again in page fault
 benchmark VM: a 25 MB tensor costs ~6 ms before any arithmetic). :func:`keep_freed_memory` asks ``malloc`` to serve
 them from its heap and keep freed memory for reuse. :func:`mha2mla.convert` calls it when it calibrates. Not for
 data-free conversions: a heap that is never trimmed fragments on their few very large blocks (a Llama-2-7B-wide
-4-layer conversion peaked at 2.48–2.55 GB with it, 2.24–2.30 GB without; ``benchmarks/convert_memory.py``).
+4-layer conversion peaked at 2.48–2.55 GB with it, 2.24–2.30 GB without;
+``benchmarks/convert_scale.py --shape llama2-7b --layers 4``).
 """
 
 from __future__ import annotations

@@ -406,14 +406,8 @@ def test_killed_convert_leftover_is_cleaned_by_the_next_run(base, tmp_path):
     assert os.path.isfile(out / "config.json") and _leftovers(out) == []
 
 
-def test_heal_killed_with_sigkill_resumes_from_its_last_checkpoint(base, tmp_path):
-    import mha2mla
-
-    model = tmp_path / "mla"
-    mha2mla.convert(source=base["src"], output=str(model), rank=16, progress=False)
-    out = tmp_path / "healed"
-    common = ["heal", model, "--output", out, "--data", base["text"], "--seq-len", 16, "--micro-batch-size", 2,
-              "--save-every", 1, "-q"]
+def _kill_heal_after_a_checkpoint(common: list, out) -> str:
+    """Run ``mha2mla heal`` (``common`` + 200 steps), kill -9 it once a checkpoint is saved; return the states' glob."""
     p = subprocess.Popen([sys.executable, "-m", "mha2mla", *map(str, common), "--max-steps", "200"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     states = os.path.join(out, "checkpoints", "step-*", "trainer_state.json")
@@ -426,6 +420,14 @@ def test_heal_killed_with_sigkill_resumes_from_its_last_checkpoint(base, tmp_pat
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL
+    return states
+
+
+def test_heal_killed_with_sigkill_resumes_from_its_last_checkpoint(mla, base, tmp_path):
+    out = tmp_path / "healed"
+    common = ["heal", mla, "--output", out, "--data", base["text"], "--seq-len", 16, "--micro-batch-size", 2,
+              "--save-every", 1, "-q"]
+    states = _kill_heal_after_a_checkpoint(common, out)
     done = {int(re.search(r"step-(\d+)", s).group(1)): s for s in glob.glob(states)}
     last = max(done)
     saved = json.load(open(done[last]))
@@ -673,17 +675,7 @@ def test_heal_resume_from_a_truncated_checkpoint(mla, base, tmp_path):
     out = tmp_path / "healed"
     common = ["heal", mla, "--output", out, "--data", base["text"], "--seq-len", 16, "--micro-batch-size", 2,
               "--save-every", 1, "-q"]
-    p = subprocess.Popen([sys.executable, "-m", "mha2mla", *map(str, common), "--max-steps", "200"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-    states = os.path.join(out, "checkpoints", "step-*", "trainer_state.json")
-    deadline = time.time() + 120
-    while not glob.glob(states):
-        if p.poll() is not None or time.time() > deadline:
-            p.kill()
-            pytest.fail(f"heal never saved a checkpoint: {p.communicate()}")
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.communicate(timeout=60)
+    _kill_heal_after_a_checkpoint(common, out)
     for ckpt in glob.glob(os.path.join(out, "checkpoints", "step-*")):
         for n in os.listdir(ckpt):
             if n.endswith((".safetensors", ".bin")):
