@@ -12,9 +12,10 @@
 #   2. a random SmolLM2-shaped Llama with the real tokenizer; `mha2mla convert --calibration --device cuda` at 96+32.
 #   3. `mha2mla heal` with recipes/smollm2-135m-1gpu.yaml (short: 20 steps), cross-entropy, then distillation; the
 #      heal record's peak GPU memory, tokens/s and memory plan (checkpointing, attention, loss chunk) go to
-#      heal-gpu.json. With HEAL_BEFORE=DIR (a directory holding an older `mha2mla` package, e.g. made by
-#      `git archive COMMIT mha2mla | tar -x -C DIR`, carried with the tree), benchmarks/heal_memory.py also measures
-#      that code and this one with distillation, same recipe, same steps: heal-memory-gpu.json.
+#      heal-gpu.json. With HEAL_BEFORE=DIR (an older `mha2mla` package and its recipes, e.g. made by
+#      `git archive COMMIT mha2mla recipes | tar -x -C DIR`, carried with the tree), benchmarks/heal_memory.py also
+#      measures that code (with its own copy of the recipe) and this one with distillation, same steps:
+#      heal-memory-gpu.json.
 #   4. benchmarks/convert_scale.py: calibrated conversion at 512+64 of a random llama3-8b (SCALE_LAYERS layers, default
 #      32) and of one llama3-70b layer: seconds per layer, peak GPU memory, peak host RSS.
 # Writes OUT/log.txt, OUT/inference-gpu.json, OUT/convert-gpu.json, OUT/heal-gpu.json,
@@ -107,7 +108,7 @@ if [ -n "${HEAL_BEFORE:-}" ] && [ -d "${HEAL_BEFORE}/mha2mla" ]; then
   [ "$SMOKE" = 1 ] && HM=(--steps 2 --seq-len 64 --micro-batch 1) || HM=(--steps 10)
   step 240 "heal memory, before ($HEAL_BEFORE) and after, distillation" $PY benchmarks/heal_memory.py --model "$W/mla" \
     --teacher "$W/src" --data "$A/enwiki.train.txt" --device "$DEVICE" "${HM[@]}" \
-    --config "before-kd:code=$(realpath "$HEAL_BEFORE"),recipe=$R,warmup_steps=2,decay_steps=2" \
+    --config "before-kd:code=$(realpath "$HEAL_BEFORE"),recipe=$HEAL_BEFORE/$R,warmup_steps=2,decay_steps=2" \
     --config "after-kd:recipe=$R,warmup_steps=2,decay_steps=2" --out "$O/heal-memory-gpu.json"
 fi
 

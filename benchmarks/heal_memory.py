@@ -160,14 +160,17 @@ def _run_config(cfg: dict, args) -> dict:
 
     reader = threading.Thread(target=lambda: out_lines.extend(p.stdout), daemon=True)
     reader.start()
-    while p.poll() is None:
-        observed = max(observed, _status_bytes(p.pid, "VmHWM") or 0)
-        if time.time() - t > args.timeout:
+    try:
+        while p.poll() is None:
+            observed = max(observed, _status_bytes(p.pid, "VmHWM") or 0)
+            if time.time() - t > args.timeout:
+                return {"name": cfg["name"], "error": f"timed out after {args.timeout} s",
+                        "peak_rss_bytes_observed": observed or None}
+            time.sleep(0.5)
+    finally:  # never leave the child running (timeout, Ctrl-C, SIGTERM)
+        if p.poll() is None:
             p.kill()
             p.wait()
-            return {"name": cfg["name"], "error": f"timed out after {args.timeout} s",
-                    "peak_rss_bytes_observed": observed or None}
-        time.sleep(0.5)
     reader.join(timeout=10)
     line = [ln.strip() for ln in out_lines if ln.startswith("HEAL_MEMORY_RESULT ")]
     if p.returncode != 0 or not line:
@@ -184,6 +187,9 @@ def _run_config(cfg: dict, args) -> dict:
 
 def main(argv=None) -> dict:
     args = _args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks that stop the child
     if args.child:
         _child(args.child)
         return {}
