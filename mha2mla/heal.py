@@ -92,6 +92,36 @@ def _load_lm(path: str, what: str, dtype: torch.dtype, attn: str = "auto"):
         raise Mha2mlaError(f"{what} {path!r}: cannot load it as a causal LM ({first[:200]})") from None
 
 
+_HEAP_MMAP_THRESHOLD = 4 * 2**20
+
+
+def _bound_heap(threshold: int = _HEAP_MMAP_THRESHOLD) -> bool:
+    """Have glibc serve host blocks of ``threshold`` bytes and more with their own pages, returned when freed.
+
+    glibc raises its mmap threshold to the size of any large block that is freed; after that, blocks of tens of MB
+    (layer activations, loss chunks: allocated and freed every micro-batch) come from the heap, where they fragment
+    and keep the resident memory far above what is live. A fixed threshold stops that. Does nothing outside
+    Linux/glibc, or once :func:`mha2mla.allocator.keep_freed_memory` (calibration) has taken mmap away.
+
+    Returns:
+        whether the setting is in effect.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    from mha2mla import allocator
+
+    if not sys.platform.startswith("linux") or allocator._applied:
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(-3, threshold))  # M_MMAP_THRESHOLD (also turns glibc's dynamic threshold off)
+
+
 def _use_sdpa(model, path: str, what: str, *, required: bool) -> None:
     """Switch ``model`` to the padded SDPA attention (heal_ops.SDPA) if its class supports SDPA."""
     if not getattr(model, "_supports_sdpa", False):
@@ -295,6 +325,7 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
     if state:
         _check_resumable(state, rc, model_dir, procs, ckpt)
     set_seed(rc.seed)
+    bounded_heap = acc.device.type == "cpu" and _bound_heap()  # before the models and data are allocated
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise Mha2mlaError(f"model {model_dir!r} is not a model directory (no config.json)")
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
@@ -323,6 +354,7 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
         _check_teacher(teacher_net, rc.teacher, net, tokenizer)
     net.to(acc.device)
     plan = _memory_plan(rc, net)
+    plan["heap_mmap_threshold"] = _HEAP_MMAP_THRESHOLD if bounded_heap else None
     # The fused head needs the head's weight outside the model's forward: not under FSDP, which shards it.
     fuse_head = acc.distributed_type.value != "FSDP"
     plan["fused_head"] = fuse_head
