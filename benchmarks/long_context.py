@@ -82,6 +82,10 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default="benchmarks/results/long_context.json")
     ap.add_argument("--plot", help="PNG: perplexity ratio to the source vs position, one line per model")
     ap.add_argument("--fresh", action="store_true", help="recompute results already in --output")
+    ap.add_argument("--skip-source", action="store_true", help="evaluate only the --model entries (the source may come "
+                    "from --merge later)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="evaluate nothing: merge these result files (later ones "
+                    "win) into --output, print the tables and draw --plot")
     args = ap.parse_args(argv)
     args.window = args.window or [4096, 8192]
     if args.threads:
@@ -92,36 +96,65 @@ def main(argv=None) -> int:
     if args.max_len:
         max_len = min(max_len, args.max_len)
     settings = _settings(args, max_len)
+    if args.merge:
+        merged: dict = {}
+        for path in args.merge:
+            with open(path) as f:
+                merged.update(json.load(f)["models"])
+        merged = {"source": merged.pop("source"), **merged}
+        with open(args.output, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "merged_from": args.merge, "models": merged}, f, indent=1)
+        if args.plot:
+            _plot(merged, args.plot, "source")
+        print(render_long_context(merged))
+        return 0
     old = {}
     if os.path.exists(args.output) and not args.fresh:
         with open(args.output) as f:
             old = json.load(f).get("models", {})
     texts = load_texts(args.data)
-    models = {"source": args.source, **dict(m.split("=", 1) for m in args.model)}
+    models = {**({} if args.skip_source else {"source": args.source}), **dict(m.split("=", 1) for m in args.model)}
     results: dict[str, dict] = {}
     for label, path in models.items():
         prev = old.get(label)
-        if prev and prev.get("path") == os.path.realpath(path) and prev.get("settings") == settings:
+        if prev and prev.get("path") == os.path.realpath(path) and prev.get("settings") == settings and \
+                prev.get("complete", True):
             results[label] = prev
             print(f"{label}: reused from {args.output}", file=sys.stderr)
             continue
         t0 = time.time()
         model, tok = _load(path)
         tokens = pack_tokens(tok, texts, max_tokens=max(settings["window_sizes"], default=0) * args.windows or None)
-        entry = {"path": os.path.realpath(path), "settings": settings}
-        entry.update(long_context_report(
-            model=model, tokenizer=tok, tokens=tokens, windows_of=settings["window_sizes"], windows=args.windows,
-            passkey_lengths=settings["passkey_lengths"], trials=args.trials, seed=args.seed,
-            log=lambda line: print(f"{label}: {line} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)))
-        entry["seconds"] = round(time.time() - t0, 1)
+        entry = {"path": os.path.realpath(path), "settings": settings, "positions": [], "passkey": [],
+                 "complete": False}
         results[label] = entry
+
+        def save():  # after each stage: a long run keeps what it has
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                json.dump({"command": " ".join(sys.argv), "torch_threads": torch.get_num_threads(),
+                           "models": {**old, **results}}, f, indent=1)
+
+        for w in settings["window_sizes"]:
+            r = long_context_report(model=model, tokenizer=tok, tokens=tokens, windows_of=[w], windows=args.windows,
+                                    passkey_lengths=[])
+            entry["positions"] += r["positions"]
+            print(f"{label}: window {w}: " + " ".join(f"{b['start']}-{b['end']}:{b['ppl']:.2f}"
+                                                     for b in r["positions"][0]["buckets"])
+                  + f" ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+            save()
+        for n in settings["passkey_lengths"]:
+            r = long_context_report(model=model, tokenizer=tok, tokens=None, windows_of=[], passkey_lengths=[n],
+                                    trials=args.trials, seed=args.seed)
+            entry["passkey"] += r["passkey"]
+            print(f"{label}: passkey {n}: {r['passkey'][0]['correct']}/{args.trials} ({time.time() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+            save()
+        entry["seconds"], entry["complete"] = round(time.time() - t0, 1), True
+        save()
         del model
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:  # after each model: a long run keeps what it has
-            json.dump({"command": " ".join(sys.argv), "torch_threads": torch.get_num_threads(),
-                       "models": {**old, **results}}, f, indent=1)
     shown = {k: results[k] for k in models}
-    if args.plot:
+    if args.plot and "source" in shown:
         _plot(shown, args.plot, "source")
     print(render_long_context(shown))
     return 0

@@ -163,10 +163,11 @@ class Method:
         rope_context: the RoPE schedule (which stride of source frequencies keeps its rotation, see
             :func:`choose_rope_stride`) is chosen over the attention distances of one calibration sequence of this many
             tokens (at most the source's ``max_position_embeddings``) when that is longer than the calibration
-            sequences; 0: over the first calibration sequences. Ranked over short sequences only, the slow frequencies
-            barely turn (``|ρ| ≈ 1``) and look free to fold, but past the calibration length they carry the position:
-            SmolLM2 then drops all its slow frequencies and the converted model falls apart at long range
-            (benchmarks/RESULTS.md, "Long context").
+            sequences; 0 (default): over the first calibration sequences. Ranked over short sequences only, the slow
+            frequencies barely turn (``|ρ| ≈ 1``) and look free to fold, but past the calibration length they carry the
+            position: SmolLM2 then drops all its slow frequencies and the converted model falls apart at long range.
+            Over 4096 tokens SmolLM2 keeps every other frequency instead, which holds better at long range but costs
+            much at short range, so it is not the default (benchmarks/RESULTS.md, "Long context").
         mlp_dtype: the precision of the MLP forwards that move the calibration streams (source and converted), of the
             source stream's own attention (SmolLM2 160+32: 0.2–0.4 s less per layer; the fits' targets, the source heads
             on the converted stream, stay float32), and of the MLP refit's activations (its moments and solve stay
@@ -194,7 +195,7 @@ class Method:
     mlp_drift: float = 0.4
     drift_below_share: float = 0.5
     source_sequences: int = 32
-    rope_context: int = 4096
+    rope_context: int = 0
     mlp_dtype: str = "auto"
 
     @classmethod

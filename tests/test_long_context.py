@@ -245,11 +245,11 @@ def test_rope_schedule_is_chosen_over_a_long_calibration_sequence(tiny_source, t
     text.write_text(CORPUS * 40)
     kw = dict(source=src, rank=12, rope_dim=4, calibration=str(text), calibration_samples=4, calibration_length=32,
               progress=False)
-    rec = convert(output=tmp_path / "a", **kw).record["calibration"]
-    assert rec["rope_context"] == 256  # Method.rope_context, capped at max_position_embeddings
+    rec = convert(output=tmp_path / "a", method=Method(rope_context=4096), **kw).record["calibration"]
+    assert rec["rope_context"] == 256  # capped at max_position_embeddings
     assert len(rec["rope_stride_shares"]) == 4  # strides 1..head_dim/rope_dim
-    rec = convert(output=tmp_path / "b", method=Method(rope_context=0), **kw).record["calibration"]
+    rec = convert(output=tmp_path / "b", **kw).record["calibration"]  # the default: the calibration sequences decide
     assert "rope_context" not in rec and rec["rope_stride_shares"]
     text.write_text(CORPUS * 2)  # too little text for one sequence of 256 tokens: the calibration sequences decide
-    rec = convert(output=tmp_path / "c", **kw).record["calibration"]
+    rec = convert(output=tmp_path / "c", method=Method(rope_context=4096), **kw).record["calibration"]
     assert rec["rope_context"].startswith("not used") and rec["rope_stride_shares"]
