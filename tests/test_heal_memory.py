@@ -110,7 +110,7 @@ def test_chunked_loss_on_logits_and_without_gradients():
     (g_ref,) = torch.autograd.grad(ref[0], logits)
     got = chunked_lm_loss(logits, None, ids, t_logits, None, alpha=0.6, temperature=1.5, chunk_tokens=4)
     (g_got,) = torch.autograd.grad(got[0], logits)
-    assert all(float(a.detach()) == pytest.approx(float(b), abs=1e-6) for a, b in zip(ref, got))
+    assert all(float(a.detach()) == pytest.approx(float(b.detach()), abs=1e-6) for a, b in zip(ref, got))
     assert torch.allclose(g_got, g_ref, atol=1e-7)
     with torch.no_grad():
         again = chunked_lm_loss(logits, None, ids, t_logits, None, alpha=0.6, temperature=1.5, chunk_tokens=4)
