@@ -2,7 +2,7 @@
 
     python benchmarks/convert_time.py --assets /work/assets [--budget 160+32] [--method mlp_drift=0]
 
-Each phase is timed by wrapping the function of ``mha2mla.conversion`` / ``mha2mla.calibration`` that runs it; prints
+Each phase is timed by wrapping the function of ``mha2mla.conversion.pipeline`` / ``mha2mla.conversion.stream`` that runs it; prints
 a table and writes JSON (default ``benchmarks/results/convert-time.json``). Run it alone on the machine: concurrent jobs
 inflate wall times 2-3x.
 """
@@ -25,18 +25,19 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import mha2mla.calibration as calibration  # noqa: E402
-import mha2mla.conversion as conversion  # noqa: E402
-from mha2mla.attention import Method  # noqa: E402
+import mha2mla.conversion.layer as layer  # noqa: E402
+import mha2mla.conversion.schedule as schedule  # noqa: E402
+import mha2mla.conversion.stream as calibration  # noqa: E402
+from mha2mla import Method  # noqa: E402
 
-PHASES = [  # (module, attribute, label)
-    (conversion, "calibration_tokens", "tokenising"),
-    (conversion, "calibrate", "schedule pre-pass"),
-    (conversion, "_choose_stride", "schedule choice"),
+PHASES = [  # (module, attribute, label): the functions each phase runs in, patched with a timer
+    (calibration, "calibration_tokens", "tokenising"),
+    (schedule, "calibrate", "schedule pre-pass"),
+    (schedule, "_stride_plan", "schedule choice"),
     (calibration.Propagation, "layer_calibration", "statistics"),
-    (conversion, "convert_attention", "factorisation"),
-    (conversion, "_fit_queries", "query fit"),
-    (conversion, "_fit_output", "output fit"),
+    (layer, "convert_attention", "factorisation"),
+    (layer, "_fit_queries", "query fit"),
+    (layer, "_fit_output", "output fit"),
     (calibration.Propagation, "advance", "moving the streams (+ MLP refit)"),
 ]
 

@@ -6,7 +6,7 @@
 
 A budget ``R+D`` is ``kv_lora_rank`` R plus ``qk_rope_head_dim`` D cached values per token per layer (the source caches
 2·3·64 = 384). For each budget the source is converted with ``mha2mla.convert(rank=R, rope_dim=D)`` and evaluated with
-``mha2mla.evaluate.evaluate``: perplexity on ``ASSETS/text/enwiki.test.txt`` (first 16384 tokens, non-overlapping
+``mha2mla.eval.evaluate.evaluate``: perplexity on ``ASSETS/text/enwiki.test.txt`` (first 16384 tokens, non-overlapping
 windows of 1024) and the five local lm-eval tasks (``ASSETS/tasks``: arc_easy, arc_challenge, hellaswag, piqa,
 lambada_openai) on their first ``--limit`` documents, all with the same settings as the source, whose results are
 cached after the first run. Prints a Markdown table (budget, KV saved %, perplexity, each task's acc, average acc) and
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-samples", type=int, default=48, help="calibration sequences (default 48)")
     p.add_argument("--calibration-length", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--method", default="", help="calibrated ingredients to switch, e.g. value_refit=0,balance_search=0 "
-                                                "(see mha2mla.attention.Method)")
+                                                "(see mha2mla.conversion.options.Method)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks; empty for perplexity only")
     p.add_argument("--label", default="", help="prefix for the budget labels in the table (e.g. the method name)")
     p.add_argument("--ppl-tokens", type=int, default=16384, help="perplexity tokens (default 16384)")
@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import mha2mla
-    from mha2mla.evaluate import evaluate
+    from mha2mla.eval.evaluate import evaluate
 
-    from mha2mla.attention import Method
+    from mha2mla import Method
 
     TASKS = tuple(t for t in args.tasks.split(",") if t)
     method, default_method = Method.from_spec(args.method), Method()

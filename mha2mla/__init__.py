@@ -1,18 +1,22 @@
 """mha2mla: convert pretrained MHA/GQA checkpoints into native DeepSeek-V3 Multi-Head Latent Attention checkpoints.
 
+Subpackages: :mod:`mha2mla.ops` (pure math), :mod:`mha2mla.conversion` (the conversion), :mod:`mha2mla.checkpoint`
+(files), :mod:`mha2mla.serve`, :mod:`mha2mla.heal`, :mod:`mha2mla.eval`, :mod:`mha2mla.cli`, :mod:`mha2mla.demo`;
+shared helpers: :mod:`mha2mla.errors`, :mod:`mha2mla.progress`, :mod:`mha2mla.data`, :mod:`mha2mla.loading`,
+:mod:`mha2mla.allocator`.
+
 >>> import mha2mla
 >>> mha2mla.convert(source="HuggingFaceTB/SmolLM2-135M", output="smollm2-mla", rank=96, rope_dim=32)  # doctest: +SKIP
 """
 
-from mha2mla.errors import Mha2mlaError
+import importlib
 
-__all__ = ["convert", "ConversionResult", "Mha2mlaError"]
+__all__ = ["convert", "ConversionResult", "Method", "Mha2mlaError", "absorb", "pad_checkpoint"]
+_WHERE = {'convert': 'mha2mla.conversion.pipeline', 'ConversionResult': 'mha2mla.conversion.pipeline', 'Method': 'mha2mla.conversion.options', 'Mha2mlaError': 'mha2mla.errors', 'absorb': 'mha2mla.serve.absorbed', 'pad_checkpoint': 'mha2mla.serve.pad'}
 
 
 def __getattr__(name: str):
-    # Lazy, so `mha2mla --help` does not import torch.
-    if name in ("convert", "ConversionResult"):
-        from mha2mla import conversion
-
-        return getattr(conversion, name)
-    raise AttributeError(f"module 'mha2mla' has no attribute {name!r}")
+    # lazy: importing one module of the package (e.g. from the CLI) does not import them all
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

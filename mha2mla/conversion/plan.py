@@ -1,0 +1,54 @@
+"""The conversion plan: every shape and constant of the target, decided and validated against the source before any
+weight is read."""
+
+from __future__ import annotations
+
+import math
+import torch
+
+from mha2mla.errors import Mha2mlaError
+from mha2mla.ops.shapes import DTYPES, TARGET_EPS, ConversionPlan
+from mha2mla.ops.rope import rope_theta_for_stride, validate_rope_dim
+from mha2mla.checkpoint.source import SourceModel
+
+__all__ = ["make_plan"]
+
+def make_plan(*, source: SourceModel, rank: int, rope_dim: int | None = None, rope_stride: int | None = None, dtype: str = "auto") -> ConversionPlan:
+    """Validate the user's choices against the source and fix every target constant.
+
+    Raises:
+        Mha2mlaError: invalid rank, rope dim, stride or dtype (the message shows the values and the valid range).
+    """
+    hd = source.head_dim
+    rope_dim = hd // 2 if rope_dim is None else int(rope_dim)
+    try:
+        validate_rope_dim(head_dim=hd, rope_dim=rope_dim)
+    except ValueError as e:
+        raise Mha2mlaError(str(e)) from None
+    max_stride = hd // rope_dim
+    stride = max_stride if rope_stride is None else int(rope_stride)
+    if not 1 <= stride <= max_stride:
+        raise Mha2mlaError(f"--rope-stride must be in 1..{max_stride} for head_dim {hd} and --rope-dim {rope_dim}, got {stride}")
+    if stride != max_stride and source.rope["rope_type"] != "default":
+        raise Mha2mlaError(f"--rope-stride {stride} changes θ, which is only exact for rope type 'default' (this source: {source.rope['rope_type']!r}); use the default stride {max_stride}")
+    max_rank = min(2 * source.n_kv * hd, source.hidden)
+    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise Mha2mlaError(f"--rank must be in 1..{max_rank} (the rank of the stacked keys and values: 2·{source.n_kv} KV heads·{hd}, hidden {source.hidden}), got {rank}")
+    if dtype == "auto":
+        dtype = {torch.bfloat16: "bfloat16", torch.float16: "bfloat16"}.get(source.dtype, "float32")
+    if dtype == "float16":
+        raise Mha2mlaError("--dtype float16 is not supported: the linearised latent norm keeps latents near 1e-6, which underflow in float16; use bfloat16 or float32")
+    if dtype not in DTYPES:
+        raise Mha2mlaError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    theta = float(source.rope.get("rope_theta", 10000.0))
+    scale = math.sqrt(TARGET_EPS / source.eps)
+    return ConversionPlan(
+        rank=rank, rope_dim=rope_dim, rope_stride=stride,
+        rope_theta=rope_theta_for_stride(theta=theta, head_dim=hd, rope_dim=rope_dim, stride=stride),
+        n_layers=source.n_layers, hidden=source.hidden, n_heads=source.n_heads, n_kv=source.n_kv, head_dim=hd,
+        q_lora_rank=source.hidden if source.bias["q"] else None,
+        attention_bias=any(source.bias.values()),
+        residual_scale=scale,
+        tie_embeddings=source.tied and scale == 1.0,
+        dtype=dtype,
+    )

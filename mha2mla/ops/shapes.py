@@ -1,0 +1,63 @@
+"""The target's shapes and constants (:class:`ConversionPlan`): a plain record, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["ConversionPlan", "TARGET_EPS", "DTYPES"]
+
+TARGET_EPS = 1e-6  # transformers' kv_a_layernorm eps; vLLM/SGLang use rms_norm_eps, so the two must agree
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What the target checkpoint looks like.
+
+    Attributes:
+        rank: ``kv_lora_rank`` (latent size R).
+        rope_dim: ``qk_rope_head_dim`` (D).
+        rope_stride: keep source frequencies ``stride·m`` (``head_dim/D`` keeps θ unchanged).
+        rope_theta: θ of the target's standard schedule at ``rope_dim``.
+        q_lora_rank: ``None`` (plain ``q_proj``), or ``hidden`` when a query bias must be carried through ``q_a_proj``.
+        attention_bias: whether the target has attention biases (any source attention bias).
+        residual_scale: ``sqrt(1e-6 / source eps)``, applied to the residual stream so ``rms_norm_eps`` can be 1e-6.
+        tie_embeddings: the target ties ``lm_head`` to the embedding (only if the source does and no rescale is needed).
+        dtype: output dtype name.
+    """
+
+    rank: int
+    rope_dim: int
+    rope_stride: int
+    rope_theta: float
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    q_lora_rank: int | None
+    attention_bias: bool
+    residual_scale: float
+    tie_embeddings: bool
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def source_kv_values(self) -> int:
+        return 2 * self.n_kv * self.head_dim
+
+    @property
+    def kv_values(self) -> int:
+        return self.rank + self.rope_dim
+
+    @property
+    def max_rank(self) -> int:
+        return min(2 * self.n_kv * self.head_dim, self.hidden)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
