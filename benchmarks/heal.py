@@ -8,7 +8,7 @@ Cost on a 2-core CPU shared with other jobs (torch at 1 thread): a training step
 (~25 s with the teacher), so the default 300k tokens is roughly 3–4 h per healing run, ~8 h in all.
 
 1. Convert SmolLM2-135M with ``mha2mla.convert(rank=96, rope_dim=32)`` (KV values per token and layer 384 → 128).
-2. Perplexity of the source and of the converted model on enwiki.test (fixed windows, ``mha2mla.perplexity``).
+2. Perplexity of the source and of the converted model on enwiki.test (fixed windows, ``mha2mla.eval.perplexity``).
 3. Heal twice on enwiki.train with the same data, steps and learning rate: cross-entropy alone, and mixed with
    distillation from the source (``--teacher``). Perplexity after each, and the share of the gap recovered,
    measured on the mean NLL: ``(nll_converted − nll_healed) / (nll_converted − nll_source)``.
@@ -63,7 +63,7 @@ def _ppl(path: str, text: str, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mha2mla.perplexity import perplexity
+    from mha2mla.eval.perplexity import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
     import torch
 
     import mha2mla
-    from mha2mla.heal import heal
+    from mha2mla.heal.loop import heal
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@
     python benchmarks/heal_memory.py --model /tmp/heal-mla --teacher SmolLM2-135M-DIR \
         --config before:code=/tmp/heal-before --config after --steps 3 --out benchmarks/results/heal_memory.json
 
-Each configuration runs ``mha2mla.heal.heal`` for ``--steps`` optimizer steps (defaults: 4 × 1024 tokens per step,
+Each configuration runs ``mha2mla.heal.loop.heal`` for ``--steps`` optimizer steps (defaults: 4 × 1024 tokens per step,
 distillation when ``--teacher`` is given) in a fresh Python process, so each peak is its own:
 
 * CPU: the process's peak resident set (``VmHWM`` in ``/proc/self/status``), i.e. everything the run held at once,
@@ -103,7 +103,7 @@ def _child(spec: str) -> None:
     import torch
 
     import mha2mla
-    from mha2mla.heal import heal
+    from mha2mla.heal.loop import heal
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])

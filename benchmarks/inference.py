@@ -106,7 +106,7 @@ def _build(job: dict):
         model = model.to(dtype)
     model.eval()
     if job["variant"] == "absorbed":
-        from mha2mla.inference import absorb
+        from mha2mla.serve.absorbed import absorb
 
         absorb(model)
     return model
@@ -171,7 +171,7 @@ def worker(job: dict) -> dict:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    from mha2mla.kvcache import kv_cache_bytes
+    from mha2mla.serve.kvcache import kv_cache_bytes
 
     cached_tokens = job["context"] + job["new_tokens"]
     elem = torch.empty((), dtype=getattr(torch, job["dtype"])).element_size()
@@ -253,7 +253,7 @@ def _targets(runs: list[dict]) -> list[dict]:
 
 
 def _analytic_table() -> tuple[str, list[dict]]:
-    from mha2mla.kvcache import kv_values_per_token_per_layer
+    from mha2mla.serve.kvcache import kv_values_per_token_per_layer
 
     rows, lines = [], [
         "| shape | source values/token/layer | MLA 512+64 | source KiB/token (bf16) | MLA KiB/token | ratio | "

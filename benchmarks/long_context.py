@@ -8,7 +8,7 @@
 Each model is loaded with ``attn_implementation="sdpa"`` in float32 and run forward only. Windows are capped at the
 source's ``max_position_embeddings`` (and ``--max-len``). Results already in ``--output`` for the same label, model
 directory and settings are reused (``--fresh`` recomputes), so a new budget can be added without re-running the source.
-Prints the Markdown tables (:func:`mha2mla.long_context.render_long_context`).
+Prints the Markdown tables (:func:`mha2mla.eval.long_context.render_long_context`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _plot(results: dict, path: str, source: str) -> None:
 
 def main(argv=None) -> int:
     from mha2mla.data import load_texts, pack_tokens
-    from mha2mla.long_context import long_context_report, render_long_context
+    from mha2mla.eval.long_context import long_context_report, render_long_context
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True, help="source model directory (the reference)")

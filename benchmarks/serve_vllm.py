@@ -265,7 +265,7 @@ def convert_cli(args: list[str]) -> None:
 
 def step_agree(py: str, workdir: str, smollm: str, which: set[str], previous: list | None = None) -> dict:
     import mha2mla
-    from mha2mla.pad import pad_checkpoint
+    from mha2mla.serve.pad import pad_checkpoint
 
     models = {}
     # 96+32 calibrated (16 × 256 tokens of enwiki.train); 160+32 data-free (a calibrated one took over 35 minutes on
@@ -338,7 +338,7 @@ def step_table(py: str, workdir: str) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from test_check import TABLE
 
-    from mha2mla.portability import serving_verdicts
+    from mha2mla.checkpoint.portability import serving_verdicts
 
     shapes = [[c["kv_lora_rank"], c["qk_rope_head_dim"], c["qk_nope_head_dim"], c["v_head_dim"]] for c, _ in TABLE]
     got = run_job(py, workdir, "table", {"kind": "table", "shapes": shapes})
