@@ -18,7 +18,7 @@ from mha2mla.conversion.options import Method, Policy
 from mha2mla.conversion.stream import LayerCalibration, Propagation
 from mha2mla.errors import Mha2mlaError
 from mha2mla.ops.attention import (mla_attention, mla_head_contexts, mla_output_from_contexts, relative_output_error,
-                                   source_attention, source_output_from_heads)
+                                   source_attention, source_output_from_heads, value_up_projection)
 from mha2mla.ops.query_fit import fit_queries, query_weight_name, source_log_probs
 from mha2mla.ops.rope import kept_frequencies
 from mha2mla.ops.shapes import ConversionPlan
@@ -204,7 +204,7 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
             maps, bias, _ = fit.solve(prior=value_path_prior(tensors=tensors, plan=plan))
             new = with_value_path(tensors=tensors, plan=plan, maps=maps, bias=bias)
         else:
-            prior = tensors["kv_b_proj.weight"].reshape(plan.n_heads, 2 * plan.head_dim, plan.rank)[:, plan.head_dim:]
+            prior = value_up_projection(tensors, plan)
             up_v, head_bias = fit.solve(prior=prior)
             new = with_head_values(tensors=tensors, plan=plan, up_v=up_v, head_bias=head_bias, o_bias=attn.o_bias)
         # measured on the written tensors (values are linear in the latent: the contexts give the layer's output)

@@ -8,6 +8,7 @@ import torch
 
 from mha2mla.errors import Mha2mlaError
 from mha2mla.ops.shapes import DTYPES, TARGET_EPS, ConversionPlan
+from mha2mla.ops.shapes import max_rank as shape_max_rank
 from mha2mla.ops.rope import rope_theta_for_stride, validate_rope_dim
 from mha2mla.checkpoint.source import SourceModel
 
@@ -31,7 +32,7 @@ def make_plan(*, source: SourceModel, rank: int, rope_dim: int | None = None, ro
         raise Mha2mlaError(f"--rope-stride must be in 1..{max_stride} for head_dim {hd} and --rope-dim {rope_dim}, got {stride}")
     if stride != max_stride and source.rope["rope_type"] != "default":
         raise Mha2mlaError(f"--rope-stride {stride} changes θ, which is only exact for rope type 'default' (this source: {source.rope['rope_type']!r}); use the default stride {max_stride}")
-    max_rank = min(2 * source.n_kv * hd, source.hidden)
+    max_rank = shape_max_rank(n_kv=source.n_kv, head_dim=hd, hidden=source.hidden)
     if not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise Mha2mlaError(f"--rank must be in 1..{max_rank} (the rank of the stacked keys and values: 2·{source.n_kv} KV heads·{hd}, hidden {source.hidden}), got {rank}")
     if dtype == "auto":

@@ -20,7 +20,7 @@ from mha2mla.conversion.plan import make_plan
 from mha2mla.conversion.stream import CalibrationSet, calibrate, calibration_tokens
 from mha2mla.errors import Mha2mlaError
 from mha2mla.ops.rope import kept_frequencies
-from mha2mla.ops.shapes import ConversionPlan
+from mha2mla.ops.shapes import ConversionPlan, max_rank
 
 __all__ = ["Schedule", "first_plan", "choose_schedule", "choose_rope_stride", "budget_candidates"]
 
@@ -41,11 +41,11 @@ class Schedule:
 def budget_candidates(*, source: SourceModel, budget: int) -> list[int]:
     """Rope dims worth trying for a KV budget: even divisors of head_dim from head_dim/8 up, leaving a valid rank."""
     hd = source.head_dim
-    max_rank = min(2 * source.n_kv * hd, source.hidden)
-    dims = [d for d in range(2, hd + 1, 2) if hd % d == 0 and d >= max(2, hd // 8) and 1 <= budget - d <= max_rank]
+    top = max_rank(n_kv=source.n_kv, head_dim=hd, hidden=source.hidden)
+    dims = [d for d in range(2, hd + 1, 2) if hd % d == 0 and d >= max(2, hd // 8) and 1 <= budget - d <= top]
     if not dims:
-        raise Mha2mlaError(f"--kv-budget {budget} leaves no valid split for head_dim {hd} (rank must be in 1..{max_rank}); "
-                           f"try a budget between {hd // 8 + 1} and {max_rank + hd}")
+        raise Mha2mlaError(f"--kv-budget {budget} leaves no valid split for head_dim {hd} (rank must be in 1..{top}); "
+                           f"try a budget between {hd // 8 + 1} and {top + hd}")
     return dims
 
 

@@ -20,10 +20,10 @@ from mha2mla.progress import Steps
 from mha2mla.ops.mlp_fit import GRAM_BLOCKS, DownProjectionFit
 from mha2mla.ops.moments import add_lower_gram, block_edges, context_moment_from_columns, symmetric_from_lower
 from mha2mla.ops.attention import causal_score_blocks, weighted_sum
-from mha2mla.checkpoint.source import SourceModel
+from mha2mla.checkpoint.source import SUPPORTED_ARCHITECTURES, SourceModel
 
 __all__ = ["CalibrationSet", "LayerCalibration", "Propagation", "calibrate", "calibration_set", "calibration_tokens",
-           "cpu_flags", "native_bfloat16"]
+           "attention_stats", "cpu_flags", "native_bfloat16"]
 
 # The MLP refit keeps the calibration tokens' MLP activations between its two passes when they take at most this many
 # floats (N·L·intermediate; 38M for SmolLM2); above it they are computed again.
@@ -126,6 +126,11 @@ def calibration_set(*, source: SourceModel, data: str | list[str], samples: int,
     return CalibrationSet(data=data, tokens=tokens, length=used, requested_length=length, max_positions=max_pos)
 
 
+def _hf_class(model_type: str, part: str) -> str:
+    """transformers' class name of a source family's ``part``, e.g. ``("qwen2", "DecoderLayer")`` → Qwen2DecoderLayer."""
+    return SUPPORTED_ARCHITECTURES[model_type].removesuffix("ForCausalLM") + part
+
+
 def _hf_config(source: SourceModel):
     from transformers import AutoConfig
 
@@ -140,7 +145,7 @@ def _decoder_layer(source: SourceModel, config, i: int, dtype: torch.dtype):
 
     mt = source.config["model_type"]
     mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
-    cls = getattr(mod, {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}[mt])
+    cls = getattr(mod, _hf_class(mt, "DecoderLayer"))
     with torch.device("meta"):
         layer = cls(config, layer_idx=i)
     prefix = f"model.layers.{i}."
@@ -154,11 +159,11 @@ def _rotary(source: SourceModel, config):
 
     mt = source.config["model_type"]
     mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
-    return getattr(mod, {"llama": "LlamaRotaryEmbedding", "mistral": "MistralRotaryEmbedding", "qwen2": "Qwen2RotaryEmbedding"}[mt])(config)
+    return getattr(mod, _hf_class(mt, "RotaryEmbedding"))(config)
 
 
 @torch.no_grad()
-def _attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
+def attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
                      hd: int, contexts: bool, ctx_rows: int = 0, ctx_stride: int = 1, ctx_offset: int = 0,
                      outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor, torch.Tensor | None]:
     """For one batch ``x [B, L, hidden]``: attention mass per head at each distance Δ = m − n; per KV group the summed
@@ -331,7 +336,7 @@ class Propagation:
             add_lower_gram(sigma, xa, edges)  # float32 within a batch, float64 across batches
             rows = min(x.shape[0], ctx_limit - n_ctx) if value_contexts else 0
             n_ctx += rows
-            dh, dc, queries, received, ho = _attention_stats(
+            dh, dc, queries, received, ho = attention_stats(
                 layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, rows > 0, ctx_rows=rows,
                 ctx_stride=context_stride, ctx_offset=batch % context_stride, outputs=head_outputs)
             ctx_count += rows * queries

@@ -26,7 +26,8 @@ from mha2mla.eval.report import make_row, plot_recovery, render_markdown
 from mha2mla.eval.tasks import dir_stamp, finite, first_line, resolve_tasks, run_lm_eval, sha, task_entry, task_stamp
 from mha2mla.serve.kvcache import kv_cache_bytes, kv_values_per_token_per_layer
 
-__all__ = ["DEFAULT_TASKS", "default_cache_dir", "evaluate", "model_fingerprint", "plot_recovery", "render_markdown"]
+__all__ = ["DEFAULT_TASKS", "default_cache_dir", "evaluate", "load_model", "model_fingerprint", "plot_recovery",
+           "render_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def _load_config(path: str):
         raise Mha2mlaError(f"cannot load model {path!r}: {first_line(e)}") from None
 
 
-def _load_model(path: str, *, dtype: str, device: str):
+def load_model(path: str, *, dtype: str, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -182,7 +183,7 @@ def _evaluate_one(path: str, *, tasks: list[str], tm, texts, ppl_spec, settings:
         return out
 
     log.info("loading %s (%s on %s) ...", path, settings["dtype"], settings["device"])
-    model, tokenizer = _load_model(path, dtype=settings["dtype"], device=settings["device"])
+    model, tokenizer = load_model(path, dtype=settings["dtype"], device=settings["device"])
     try:
         if texts is not None and out["perplexity"] is None:
             log.info("%s: perplexity on %s (%d tokens, ctx %d) ...", path, ppl_spec, settings["ppl_tokens"],

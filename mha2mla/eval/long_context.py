@@ -32,6 +32,11 @@ from mha2mla.data import pack_tokens
 from mha2mla.errors import Mha2mlaError
 
 __all__ = [
+    "PASSKEY_FILLER",
+    "PASSKEY_INTRO",
+    "PASSKEY_KEY",
+    "PASSKEY_QUESTION",
+    "greedy_tokens",
     "DEFAULT_BUCKETS",
     "PASSKEY_LENGTHS",
     "PositionPerplexity",
@@ -52,11 +57,11 @@ PASSKEY_LENGTHS = (1024, 2048, 4096, 8192)
 # Positions scored per lm_head call: a float32 [chunk, vocab] block at a time instead of the window's whole logits.
 LOGIT_CHUNK = 1024
 
-_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
           "I will quiz you about the important information there.")
-_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-_KEY = " The pass key is {key}. Remember it. {key} is the pass key."
-_QUESTION = " What is the pass key? The pass key is"
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_KEY = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
 
 
 def bucket_edges(*, window: int, edges: tuple[int, ...] = DEFAULT_BUCKETS) -> list[tuple[int, int]]:
@@ -223,8 +228,8 @@ def passkey_prompt(*, tokenizer, length: int, depth: float, key: str) -> tuple[l
         raise Mha2mlaError(f"passkey depth must be in [0, 1], got {depth}")
     if not key.isdigit():
         raise Mha2mlaError(f"pass key must be digits, got {key!r}")
-    intro, filler = _ids(tokenizer, _INTRO), _ids(tokenizer, _FILLER)
-    key_ids, question = _ids(tokenizer, _KEY.format(key=key)), _ids(tokenizer, _QUESTION)
+    intro, filler = _ids(tokenizer, PASSKEY_INTRO), _ids(tokenizer, PASSKEY_FILLER)
+    key_ids, question = _ids(tokenizer, PASSKEY_KEY.format(key=key)), _ids(tokenizer, PASSKEY_QUESTION)
     fixed = len(intro) + len(key_ids) + len(question)
     n = (length - fixed) // len(filler)
     if n < 1:
@@ -241,7 +246,7 @@ def parse_passkey(answer: str) -> str | None:
 
 
 @torch.inference_mode()
-def _greedy(model, ids: list[int], new_tokens: int, device) -> list[int]:
+def greedy_tokens(model, ids: list[int], new_tokens: int, device) -> list[int]:
     x = torch.tensor([ids], device=device)
     out = model(input_ids=x, use_cache=True, logits_to_keep=1)
     past, got = out.cache, []
@@ -322,7 +327,7 @@ def passkey_retrieval(
         for _ in range(trials):
             key, depth = str(rng.randint(10000, 99999)), rng.random()
             ids, _ = passkey_prompt(tokenizer=tokenizer, length=length - new_tokens, depth=depth, key=key)
-            answer = tokenizer.decode(_greedy(model, ids, new_tokens, device), skip_special_tokens=True)
+            answer = tokenizer.decode(greedy_tokens(model, ids, new_tokens, device), skip_special_tokens=True)
             details.append({"depth": round(depth, 4), "key": key, "answer": answer, "tokens": len(ids),
                             "correct": parse_passkey(answer) == key})
     finally:

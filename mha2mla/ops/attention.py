@@ -13,18 +13,20 @@ import torch
 from mha2mla.ops.moments import block_edges
 from mha2mla.ops.shapes import TARGET_EPS, ConversionPlan
 
-__all__ = ["absorbs_keys", "causal_score_blocks", "causal_sdpa", "source_qkv", "source_attention", "source_output_from_heads", "mla_attention", "mla_head_contexts", "mla_output_from_contexts", "relative_output_error",
-           "weighted_sum"]
+__all__ = ["absorbs_keys", "causal_score_blocks", "causal_sdpa", "key_up_projection", "mla_attention", "mla_head_contexts",
+           "mla_latent", "mla_output", "mla_output_from_contexts", "mla_score_inputs", "query_features",
+           "query_weight_name", "relative_output_error", "rotate_half", "rotate_interleaved", "source_attention",
+           "source_output_from_heads", "source_qkv", "value_up_projection", "weighted_sum"]
 
 
-def _rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def _rotate_interleaved(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+def rotate_interleaved(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -70,8 +72,8 @@ def source_qkv(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, 
     def grouped(t):
         return t.repeat_interleave(n_heads // n_kv, dim=1) if repeat else t
 
-    q = _rotate_half(proj(weights.q, weights.q_bias, n_heads), angles).to(x.dtype)
-    k = grouped(_rotate_half(proj(weights.k, weights.k_bias, n_kv), angles).to(x.dtype))
+    q = rotate_half(proj(weights.q, weights.q_bias, n_heads), angles).to(x.dtype)
+    k = grouped(rotate_half(proj(weights.k, weights.k_bias, n_kv), angles).to(x.dtype))
     v = grouped(proj(weights.v, weights.v_bias, n_kv)) if values else None
     return q, k, v
 
@@ -108,7 +110,7 @@ def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TARGET_EPS))
 
 
-def _query_features(tensors: dict, x: torch.Tensor) -> torch.Tensor:
+def query_features(tensors: dict, x: torch.Tensor) -> torch.Tensor:
     """What the query weight (:func:`query_weight_name`) multiplies: ``x`` itself, or the (linear) query norm's
     output."""
     if "q_proj.weight" in tensors:
@@ -120,30 +122,30 @@ def _query_features(tensors: dict, x: torch.Tensor) -> torch.Tensor:
 def _mla_queries(tensors: dict, plan: ConversionPlan, x: torch.Tensor) -> torch.Tensor:
     """DeepseekV3 queries ``[B, heads, L, hd+D]`` before the rotation of their rope part."""
     b, l, _ = x.shape
-    q = _query_features(tensors, x) @ tensors[query_weight_name(tensors)].T
+    q = query_features(tensors, x) @ tensors[query_weight_name(tensors)].T
     return q.view(b, l, plan.n_heads, plan.head_dim + plan.rope_dim).transpose(1, 2)
 
 
-def _mla_latent(tensors: dict, plan: ConversionPlan, x: torch.Tensor,
+def mla_latent(tensors: dict, plan: ConversionPlan, x: torch.Tensor,
                 angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached per-token state: the normalised latent ``c [B, L, R]`` and the rotated shared rope key ``[B, L, D]``."""
     r = plan.rank
     kv_a = x @ tensors["kv_a_proj_with_mqa.weight"].T + tensors.get("kv_a_proj_with_mqa.bias", 0)
-    return _rms(kv_a[..., :r], tensors["kv_a_layernorm.weight"]), _rotate_interleaved(kv_a[..., r:], angles)
+    return _rms(kv_a[..., :r], tensors["kv_a_layernorm.weight"]), rotate_interleaved(kv_a[..., r:], angles)
 
 
-def _mla_scores_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor, values: bool = True):
+def mla_score_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor, values: bool = True):
     """DeepseekV3 queries and keys ``[B, heads, L, hd+D]`` (rope part rotated), the latent ``c [B, L, R]`` and the
     values ``[B, heads, L, hd]`` (None unless ``values``)."""
     b, l, _ = x.shape
     n_h, hd, r = plan.n_heads, plan.head_dim, plan.rank
     q = _mla_queries(tensors, plan, x)
-    c, k_pe = _mla_latent(tensors, plan, x, angles)
+    c, k_pe = mla_latent(tensors, plan, x, angles)
     kv_b = tensors["kv_b_proj.weight"].view(n_h, 2 * hd, r)
     kv_b = kv_b if values else kv_b[:, :hd]
     kv = (c @ kv_b.reshape(-1, r).T).view(b, l, n_h, -1).transpose(1, 2)
     k_nope, v = kv[..., :hd], (kv[..., hd:] if values else None)
-    qq = torch.cat((q[..., :hd], _rotate_interleaved(q[..., hd:], angles)), dim=-1)
+    qq = torch.cat((q[..., :hd], rotate_interleaved(q[..., hd:], angles)), dim=-1)
     kk = torch.cat((k_nope, k_pe[:, None].expand(-1, n_h, -1, -1)), dim=-1)
     return qq, kk, c, v
 
@@ -157,9 +159,14 @@ def absorbs_keys(plan: ConversionPlan) -> bool:
     return plan.rank < plan.head_dim
 
 
-def _key_up_projection(tensors: dict, plan: ConversionPlan) -> torch.Tensor:
+def key_up_projection(tensors: dict, plan: ConversionPlan) -> torch.Tensor:
     """``W_upK`` per head, ``[H, hd, R]`` (a view of ``kv_b_proj``'s key rows)."""
     return tensors["kv_b_proj.weight"].view(plan.n_heads, 2 * plan.head_dim, plan.rank)[:, : plan.head_dim]
+
+
+def value_up_projection(tensors: dict, plan: ConversionPlan) -> torch.Tensor:
+    """``W_upV`` per head, ``[H, hd, R]`` (a view of ``kv_b_proj``'s value rows)."""
+    return tensors["kv_b_proj.weight"].reshape(plan.n_heads, 2 * plan.head_dim, plan.rank)[:, plan.head_dim :]
 
 
 def _absorbed_query_weight(tensors: dict, plan: ConversionPlan) -> torch.Tensor:
@@ -169,7 +176,7 @@ def _absorbed_query_weight(tensors: dict, plan: ConversionPlan) -> torch.Tensor:
     hd, d = plan.head_dim, plan.rope_dim
     w = tensors[query_weight_name(tensors)]
     w = w.view(plan.n_heads, hd + d, w.shape[-1])
-    folded = _key_up_projection(tensors, plan).transpose(1, 2).to(w.dtype) @ w[:, :hd]  # [H, R, in]
+    folded = key_up_projection(tensors, plan).transpose(1, 2).to(w.dtype) @ w[:, :hd]  # [H, R, in]
     return torch.cat((folded, w[:, hd:]), dim=1).reshape(-1, w.shape[-1])
 
 
@@ -179,16 +186,16 @@ def _mla_absorbed_inputs(tensors: dict, plan: ConversionPlan, x: torch.Tensor, a
     latent ``c [B, L, R]``."""
     b, l, _ = x.shape
     r = plan.rank
-    q = _query_features(tensors, x) @ _absorbed_query_weight(tensors, plan).T
+    q = query_features(tensors, x) @ _absorbed_query_weight(tensors, plan).T
     q = q.view(b, l, plan.n_heads, r + plan.rope_dim).transpose(1, 2)
-    c, k_pe = _mla_latent(tensors, plan, x, angles)
-    qq = torch.cat((q[..., :r], _rotate_interleaved(q[..., r:], angles)), dim=-1)
+    c, k_pe = mla_latent(tensors, plan, x, angles)
+    qq = torch.cat((q[..., :r], rotate_interleaved(q[..., r:], angles)), dim=-1)
     return qq, torch.cat((c, k_pe), dim=-1), c
 
 
 def mla_attention(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """DeepseekV3 attention from converted ``tensors`` (names relative to ``self_attn.``); ``angles [L, D/2]``."""
-    qq, kk, _, v = _mla_scores_inputs(tensors, plan, x, angles)
+    qq, kk, _, v = mla_score_inputs(tensors, plan, x, angles)
     out = _causal_attention(qq, kk, v, (plan.head_dim + plan.rope_dim) ** -0.5)
     return out @ tensors["o_proj.weight"].T + tensors.get("o_proj.bias", 0)
 
@@ -205,12 +212,12 @@ def mla_head_contexts(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, a
     """
     scale = (plan.head_dim + plan.rope_dim) ** -0.5
     if x.device.type != "cpu":
-        qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
+        qq, kk, c, _ = mla_score_inputs(tensors, plan, x, angles, values=False)
         return causal_sdpa(qq, kk, c[:, None].expand(-1, plan.n_heads, -1, -1), scale)
     if absorbs_keys(plan):
         qq, kk, c = _mla_absorbed_inputs(tensors, plan, x, angles)
     else:
-        qq, kk, c, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
+        qq, kk, c, _ = mla_score_inputs(tensors, plan, x, angles, values=False)
     return _shared_value_attention(qq, kk, c, scale)
 
 
@@ -262,7 +269,7 @@ def mla_output_from_contexts(*, tensors: dict, plan: ConversionPlan, contexts: t
     """The attention block's output ``[B, L, hidden]`` from :func:`mla_head_contexts` (equal to :func:`mla_attention`
     on the same input: values are linear in the latent, so ``Σ_n p_mn W_upV c_n = W_upV c̄_m``)."""
     n_h, hd, r = plan.n_heads, plan.head_dim, plan.rank
-    up_v = tensors["kv_b_proj.weight"].reshape(n_h, 2 * hd, r)[:, hd:].to(contexts.dtype)
+    up_v = value_up_projection(tensors, plan).to(contexts.dtype)
     w_o = tensors["o_proj.weight"].to(contexts.dtype)
     if r * plan.hidden < hd * (r + plan.hidden):
         # a narrow latent: one product with the folded value path W_o,h·W_upV,h ([hidden, heads·R]) costs less than
@@ -273,3 +280,13 @@ def mla_output_from_contexts(*, tensors: dict, plan: ConversionPlan, contexts: t
         heads = torch.matmul(contexts, up_v.transpose(1, 2)).transpose(1, 2).flatten(2)
         out = heads @ w_o.T
     return out + tensors.get("o_proj.bias", 0)
+
+
+def mla_output(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """A converted layer's output on ``x``: :func:`mla_attention`, or below head_dim (:func:`absorbs_keys`) the same
+    from the absorbed latent contexts, which score the cached state instead of per-head keys and values (cheaper
+    there)."""
+    if not absorbs_keys(plan):
+        return mla_attention(tensors=tensors, plan=plan, x=x, angles=angles)
+    contexts = mla_head_contexts(tensors=tensors, plan=plan, x=x, angles=angles)
+    return mla_output_from_contexts(tensors=tensors, plan=plan, contexts=contexts)

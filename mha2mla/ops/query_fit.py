@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 
 from mha2mla.ops.shapes import ConversionPlan
-from mha2mla.ops.attention import (_key_up_projection, _mla_latent, _mla_scores_inputs, _query_features,
-                               _rotate_interleaved, absorbs_keys, causal_score_blocks, query_weight_name, source_qkv,
+from mha2mla.ops.attention import (key_up_projection, mla_latent, mla_score_inputs, query_features,
+                               rotate_interleaved, absorbs_keys, causal_score_blocks, query_weight_name, source_qkv,
                                weighted_sum)
 
-__all__ = ["source_log_probs", "fit_queries", "query_weight_name"]
+__all__ = ["causal_logsumexp", "source_log_probs", "fit_queries", "query_weight_name"]
 
 # Below this mean KL (nats) the converted attention already matches the source (e.g. an exact conversion): no fit.
 NEGLIGIBLE_KL = 1e-6
@@ -69,6 +69,11 @@ class _CausalLogSumExp(torch.autograd.Function):
         return grad[..., None] * pk, None
 
 
+def causal_logsumexp(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``lse[..., m] = log Σ_{n≤m} exp(q_m·k_n)`` with its gradient in ``q`` (see :class:`_CausalLogSumExp`)."""
+    return _CausalLogSumExp.apply(q, k)
+
+
 def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                 angles: torch.Tensor, iterations: int = 15) -> tuple[dict, dict]:
     """Fit the converted layer's query weight to the source attention distributions.
@@ -100,7 +105,7 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
         # Q_h orthonormal [hd, R]) that is F_hᵀ (Q_hᵀ W_h): the inputs are multiplied by the R rows Q_hᵀ W_h instead of
         # the hd rows of W_h (a third fewer query flops at R = hd/2), and the fold is F_h (R × R). The variable stays
         # W, so L-BFGS takes the same steps.
-        basis, fold = torch.linalg.qr(_key_up_projection(tensors, plan).detach().to(tensors[name].dtype))
+        basis, fold = torch.linalg.qr(key_up_projection(tensors, plan).detach().to(tensors[name].dtype))
         width = plan.rank
 
     def read_rows(w: torch.Tensor) -> torch.Tensor:
@@ -114,12 +119,12 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
     with torch.no_grad():
         for x, lp in zip(inputs, targets):
             if absorbed:
-                kk = torch.cat(_mla_latent(tensors, plan, x, angles), dim=-1)
+                kk = torch.cat(mla_latent(tensors, plan, x, angles), dim=-1)
             else:
-                _, kk, _, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
+                _, kk, _, _ = mla_score_inputs(tensors, plan, x, angles, values=False)
             p = lp.exp()
             # Σ_n p_n log q_n = scale·q·(Σ_n p_n k_n) − logsumexp(s): the target-weighted keys are fixed
-            batches.append((_query_features(tensors, x), kk, weighted_sum(p, kk), (p * lp.clamp_min(-1e30)).sum(-1)))
+            batches.append((query_features(tensors, x), kk, weighted_sum(p, kk), (p * lp.clamp_min(-1e30)).sum(-1)))
     count = sum(int(pk.shape[0]) * n_h * int(pk.shape[2]) for _, _, pk, _ in batches)
 
     def loss_of(w: torch.Tensor) -> torch.Tensor:
@@ -128,8 +133,8 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
             b, l, _ = z.shape
             q = (z @ rows.T).view(b, l, n_h, width + d).transpose(1, 2)
             q_nope = q[..., :width] @ fold if absorbed else q[..., :width]
-            q = torch.cat((q_nope, _rotate_interleaved(q[..., width:], angles)), dim=-1) * scale
-            cross = (q * pk).sum(-1) - _CausalLogSumExp.apply(q, kk)  # Σ_n p_n log softmax(s)_n
+            q = torch.cat((q_nope, rotate_interleaved(q[..., width:], angles)), dim=-1) * scale
+            cross = (q * pk).sum(-1) - causal_logsumexp(q, kk)  # Σ_n p_n log softmax(s)_n
             total = total + (neg_ent - cross).sum()
         return total / count
 

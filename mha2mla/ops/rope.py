@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from mha2mla.ops.shapes import kv_group
+
 __all__ = [
     "kept_frequencies",
     "rope_theta_for_stride",
@@ -161,7 +163,7 @@ def split_rope(
     n_heads, n_kv = q.shape[0], k.shape[0]
     if n_heads % n_kv:
         raise ValueError(f"query heads {n_heads} must be a multiple of KV heads {n_kv}")
-    group = torch.arange(n_heads) // (n_heads // n_kv)
+    group = kv_group(n_heads, n_kv)
     zk = key_planes(k, freqs)  # [F, n_kv, in_k]
     shared = torch.einsum("fg,fgi->fi", w.conj(), zk)  # s = w^H z
     residual = zk - c[..., None] * shared[:, None, :]

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["ConversionPlan", "TARGET_EPS", "DTYPES"]
+__all__ = ["ConversionPlan", "TARGET_EPS", "DTYPES", "kv_group", "max_rank"]
 
 TARGET_EPS = 1e-6  # transformers' kv_a_layernorm eps; vLLM/SGLang use rms_norm_eps, so the two must agree
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,7 +57,17 @@ class ConversionPlan:
 
     @property
     def max_rank(self) -> int:
-        return min(2 * self.n_kv * self.head_dim, self.hidden)
+        return max_rank(n_kv=self.n_kv, head_dim=self.head_dim, hidden=self.hidden)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def max_rank(*, n_kv: int, head_dim: int, hidden: int) -> int:
+    """The largest useful latent: the rank of the stacked keys and values, at most ``2·n_kv·head_dim`` and ``hidden``."""
+    return min(2 * n_kv * head_dim, hidden)
+
+
+def kv_group(n_heads: int, n_kv: int) -> torch.Tensor:
+    """``[n_heads]``: the KV head each query head reads (GQA: consecutive query heads share one)."""
+    return torch.arange(n_heads) // (n_heads // n_kv)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from mha2mla.ops.attention import value_up_projection
 from mha2mla.ops.factorize import svd_via_gram
 from mha2mla.ops.moments import add_lower_gram, symmetric_from_lower
 from mha2mla.ops.shapes import ConversionPlan
@@ -159,7 +160,7 @@ def with_value_path(*, tensors: dict, plan: ConversionPlan, maps: list[torch.Ten
 def value_path_prior(*, tensors: dict, plan: ConversionPlan) -> torch.Tensor:
     """``[hidden, H·R]``: the value path ``M_h = W_o,h W_upV,h`` the tensors already hold (source residual scale)."""
     n_h, hd, r = plan.n_heads, plan.head_dim, plan.rank
-    up_v = tensors["kv_b_proj.weight"].reshape(n_h, 2 * hd, r)[:, hd:].double()
+    up_v = value_up_projection(tensors, plan).double()
     wo = tensors["o_proj.weight"].double().reshape(plan.hidden, n_h, hd) / plan.residual_scale
     return torch.einsum("ohd,hdr->ohr", wo, up_v).reshape(plan.hidden, n_h * r)
 
