@@ -62,36 +62,44 @@ def digest_dir(path: str, root: str) -> dict[str, str]:
     return out
 
 
-def run_cases(out: str, smollm2: str | None, calibration: str | None) -> dict:
+# The tiny cases: (source family, query heads, KV heads, conversion options). "calibrated" cases calibrate on
+# conftest.CORPUS in float32 streams (so that the result does not depend on the CPU's bfloat16 support).
+CASES = {
+    "tiny-llama-datafree": ("llama", 4, 2, dict(rank=16, rope_dim=8)),
+    "tiny-llama-calibrated": ("llama", 4, 2, dict(rank=16, rope_dim=8, calibrated=True)),
+    "tiny-llama-kv-budget": ("llama", 4, 2, dict(kv_budget=24, calibrated=True)),
+    "tiny-qwen2-bf16-biases": ("qwen2", 4, 2, dict(rank=20, rope_dim=4, dtype="bfloat16")),
+}
+
+
+def convert_case(name: str, out: str) -> str:
+    """Build case ``name``'s tiny source under ``out`` and convert it; returns the output directory."""
     import mha2mla
+
     try:
         from mha2mla import Method
     except ImportError:  # (trees before the redesign)
         from mha2mla.attention import Method
 
     ct = _conftest()
+    arch, n_heads, n_kv, options = CASES[name]
+    kw = dict(options)
+    if kw.pop("calibrated", False):
+        text = os.path.join(out, "corpus.txt")
+        with open(text, "w") as f:
+            f.write((ct.CORPUS + "\n") * 40)
+        kw.update(method=Method(mlp_dtype="float32"), calibration=text, calibration_samples=8, calibration_length=48)
+    src = ct.build_source(os.path.join(out, "src-" + name), arch=arch, n_heads=n_heads, n_kv=n_kv, layers=3, seed=7)
+    dst = os.path.join(out, name)
+    mha2mla.convert(source=src, output=dst, force=True, progress=False, **kw)
+    return dst
+
+
+def run_cases(out: str, smollm2: str | None, calibration: str | None) -> dict:
+    import mha2mla
+
     os.makedirs(out, exist_ok=True)
-    text = os.path.join(out, "corpus.txt")
-    with open(text, "w") as f:
-        f.write((ct.CORPUS + "\n") * 40)
-    fp32 = Method(mlp_dtype="float32")
-    cases = {
-        "tiny-llama-datafree": dict(arch="llama", n_heads=4, n_kv=2, kw=dict(rank=16, rope_dim=8)),
-        "tiny-llama-calibrated": dict(arch="llama", n_heads=4, n_kv=2, kw=dict(rank=16, rope_dim=8, method=fp32)),
-        "tiny-llama-kv-budget": dict(arch="llama", n_heads=4, n_kv=2, kw=dict(kv_budget=24, method=fp32)),
-        "tiny-qwen2-bf16-biases": dict(arch="qwen2", n_heads=4, n_kv=2, kw=dict(rank=20, rope_dim=4,
-                                                                                     dtype="bfloat16")),
-    }
-    result = {}
-    for name, case in cases.items():
-        src = ct.build_source(os.path.join(out, "src-" + name), arch=case["arch"], n_heads=case["n_heads"],
-                              n_kv=case["n_kv"], layers=3, seed=7)
-        kw = dict(case["kw"])
-        if "method" in kw:
-            kw.update(calibration=text, calibration_samples=8, calibration_length=48)
-        dst = os.path.join(out, name)
-        mha2mla.convert(source=src, output=dst, force=True, progress=False, **kw)
-        result[name] = digest_dir(dst, out)
+    result = {name: digest_dir(convert_case(name, out), out) for name in CASES}
     if smollm2:
         t0 = time.time()
         dst = os.path.join(out, "smollm2-96+32")
