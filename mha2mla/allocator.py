@@ -2,12 +2,10 @@
 
 Calibration allocates and frees the same large activations (attention probabilities, MLP activations: tens of MB)
 thousands of times. glibc's ``malloc`` serves blocks above its mmap threshold with fresh ``mmap`` pages and returns
-them to the kernel on ``free``, so every such tensor is paid again in page faults (about 2 µs per 4 KiB page on the
-benchmark VM: a 25 MB tensor costs ~6 ms before any arithmetic). :func:`keep_freed_memory` asks ``malloc`` to serve
-them from its heap and keep freed memory for reuse. :func:`mha2mla.convert` calls it when it calibrates. Not for
-data-free conversions: a heap that is never trimmed fragments on their few very large blocks (a Llama-2-7B-wide
-4-layer conversion peaked at 2.48–2.55 GB with it, 2.24–2.30 GB without;
-``benchmarks/convert_scale.py --shape llama2-7b --layers 4``).
+them to the kernel on ``free``, so every such tensor is paid again in page faults before any arithmetic.
+:func:`keep_freed_memory` asks ``malloc`` to serve them from its heap and keep freed memory for reuse.
+:func:`mha2mla.convert` calls it when it calibrates. Not for data-free conversions: a heap that is never trimmed
+fragments on their few very large blocks, and their peak memory grows (``benchmarks/convert_scale.py``).
 """
 
 from __future__ import annotations

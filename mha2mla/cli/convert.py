@@ -27,7 +27,7 @@ from mha2mla.cli.common import serving_lines, user_errors
 @click.option("--keep-mlp", is_flag=True, help="Copy every MLP weight from the source unchanged (no MLP refit against the drift: faster, a little worse at small ranks).")
 @click.option("--mlp-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Precision of the MLP forwards that move the calibration streams (auto: bfloat16 where the CPU/GPU "
-                   "multiplies it natively, ~3x faster there; float32 for exact full-rank checks).")
+                   "multiplies it natively, faster there; float32 for exact full-rank checks).")
 @click.option("--method", "method_spec", default="", metavar="SPEC",
               help="Calibrated ingredients for ablations, comma-separated NAME=VALUE switches of mha2mla.conversion.latent.Method, "
                    "e.g. 'drift_below_share=inf,output_fit_stride=1' (the slowest, most thorough settings).")

@@ -91,10 +91,9 @@ def _with_bias(w: torch.Tensor, b: torch.Tensor | None, heads: int, hd: int) -> 
 
 
 # Key weights (times the energy-balancing one) the balance search tries, from the top down: it stops at the first
-# candidate that does not lower the layer's output error. Keys usually want the most weight (SmolLM2 32+32: 26 of 30
-# layers chose 16, 2 chose 4, 2 chose 1; 160+32: 29 of 30 chose 16), so most layers measure two candidates, not five.
-# Above 16 the pre-fit error keeps falling in many layers, but the converted model gets worse (32+32 with the grid
-# 16…1024: ppl 69.7 instead of 63.6): the value side still needs its share of the latent.
+# candidate that does not lower the layer's output error. Keys usually want the most weight, so most layers measure
+# two candidates, not five. The grid stops at 16: above it the pre-fit error keeps falling in many layers, but the
+# converted model gets worse (the value side still needs its share of the latent; benchmarks/RESULTS.md).
 BALANCE_GRID = (16.0, 4.0, 1.0, 1 / 4, 1 / 16)
 
 
@@ -188,7 +187,7 @@ def convert_attention(
         w32 = AttentionWeights(**{k: None if v is None else v.float() for k, v in vars(weights).items()})
 
     def assemble(k_weight: float, final: bool = True):
-        # the balance search's candidates (not final) are computed in float32: they are only ranked (2x faster SVDs)
+        # the balance search's candidates (not final) are computed in float32: they are only ranked (faster SVDs)
         dt = k_rows.dtype if final else torch.float32
         w = weights if final else w32
 

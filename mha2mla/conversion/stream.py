@@ -26,7 +26,7 @@ __all__ = ["CalibrationSet", "LayerCalibration", "Propagation", "calibrate", "ca
            "attention_stats", "cpu_flags", "native_bfloat16"]
 
 # The MLP refit keeps the calibration tokens' MLP activations between its two passes when they take at most this many
-# floats (N·L·intermediate; 38M for SmolLM2); above it they are computed again.
+# floats (N·L·intermediate); above it they are computed again.
 MLP_ACTIVATION_CACHE_MAX_FLOATS = 256 * 2**20
 # The statistics' attention runs in this many blocks of queries (causal: each reads the keys up to its last query).
 STATS_QUERY_BLOCKS = 4
@@ -293,10 +293,9 @@ class Propagation:
             yield layer.input_layernorm(self.h[s : s + self.batch])
 
     def _mlp(self, layer, h: torch.Tensor) -> torch.Tensor:
-        """The layer's MLP output on the stream ``h`` (float32), computed in ``mlp_dtype``. (bfloat16 is ~3x faster on
+        """The layer's MLP output on the stream ``h`` (float32), computed in ``mlp_dtype``. (bfloat16 is faster on
         CPUs with AVX512-BF16; its rounding enters the difference of the two streams that the drift corrections fit,
-        so exactness checks use float32: a full-rank MQA conversion's logit error was 4.6e-6 in float32, 5.4e-4 in
-        bfloat16.)"""
+        so exactness checks use float32.)"""
         return self._mlp_copy(layer.post_attention_layernorm(h).to(self.mlp_dtype)).float()
 
     @property
@@ -425,7 +424,7 @@ class Propagation:
             h = self.h[sl]
             h_mid = h + (attention[n] if isinstance(attention, list) else attention(layer.input_layernorm(h)))
             a = activations(h_mid)
-            # on every token: moments on every 2nd one saved ~1 s per layer on SmolLM2 but lost 32+32 quality (68.9 → 72.0)
+            # on every token: moments on every 2nd one were faster but lost quality at small ranks
             if s < tracked:  # (the moments need the source's stream)
                 fit.add(activations=a, residual=self.h_src[sl] - h_mid)
             self.h[sl] = h_mid  # the stream after the attention; the refit MLP's output is added below

@@ -37,8 +37,7 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 
     On the CPU, torch's fused (flash) kernel needs ``d == d_v`` and otherwise falls back to materialising the scores;
     MLA has ``d = head_dim + rope_dim`` and, for the latent contexts, ``d_v = rank``. Zero-padding the narrower side
-    changes no score or output and is 1.3-2x faster there (SmolLM2, 8x256 tokens: 96/160 69 ms instead of 90 ms,
-    96/32 39 ms instead of 77 ms, one thread).
+    changes no score or output and lets the fused kernel run.
     """
     dq, dv = q.shape[-1], v.shape[-1]
     if dq == dv or q.device.type != "cpu":
@@ -154,8 +153,7 @@ def absorbs_keys(plan: ConversionPlan) -> bool:
     """Whether scores are computed against the cached state itself rather than against per-head keys: with the key
     up-projection folded into the queries (``q_h·W_upK,h c = (W_upK,hᵀ q_h)·c``) every head reads the one shared key
     ``[c; k_pe]`` of width ``R+D`` instead of its own of width ``hd+D``, and no per-head keys are formed; fewer flops
-    when ``R < hd``. (SmolLM2 32+32, 2 cores, median of 6: the latent contexts of 8 × 512 tokens in 71 instead of
-    83 ms, the query fit in 490 instead of 551 ms; at R = hd = 64 no faster, at 96 and 160 slower.)"""
+    when ``R < hd``, and only then."""
     return plan.rank < plan.head_dim
 
 
@@ -254,9 +252,8 @@ def weighted_sum(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _shared_value_attention(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention ``[B, heads, L, R]`` of ``q [B, heads, L, d]`` and keys ``k`` (``[B, heads, L, d]``, or
     ``[B, L, d]`` shared, :func:`causal_score_blocks`) over values ``c [B, L, R]`` shared by all heads (the latent), on
-    the CPU: a block of queries at a time, every head's probabilities times the one latent in a single product.
-    SmolLM2 (8 × 9 heads × 512, d 96, R 160, 2 cores): 87–93 ms against 125 ms for the padded fused kernel of
-    :func:`causal_sdpa`."""
+    the CPU: a block of queries at a time, every head's probabilities times the one latent in a single product (no
+    per-head copies of the latent, unlike the padded fused kernel of :func:`causal_sdpa`)."""
     b, h, l, _ = q.shape
     r = c.shape[-1]
     out = torch.empty(b, h, l, r, dtype=q.dtype, device=q.device)
@@ -273,7 +270,7 @@ def mla_output_from_contexts(*, tensors: dict, plan: ConversionPlan, contexts: t
     w_o = tensors["o_proj.weight"].to(contexts.dtype)
     if r * plan.hidden < hd * (r + plan.hidden):
         # a narrow latent: one product with the folded value path W_o,h·W_upV,h ([hidden, heads·R]) costs less than
-        # up-projecting every head first (SmolLM2 32+32: ~half the flops)
+        # up-projecting every head first (fewer flops)
         path = torch.einsum("ohd,hdr->ohr", w_o.reshape(-1, n_h, hd), up_v).flatten(1)
         out = contexts.transpose(1, 2).flatten(2) @ path.T
     else:

@@ -33,7 +33,8 @@ OUTPUT_FIT_FULL_FEATURES = 1024
 
 def moment_stride(*, features: int) -> int:
     """The query-position stride for the joint fit's moments: 1 up to :data:`OUTPUT_FIT_FULL_FEATURES` features, else
-    ``round((features / OUTPUT_FIT_FULL_FEATURES)²)`` (SmolLM2 160+32: 1440 features → 2)."""
+    ``round((features / OUTPUT_FIT_FULL_FEATURES)²)``, which holds the moments' cost near that of the full-stride fit
+    at :data:`OUTPUT_FIT_FULL_FEATURES`."""
     if features < 1:
         raise ValueError(f"features must be ≥ 1, got {features}")
     return max(1, round((features / OUTPUT_FIT_FULL_FEATURES) ** 2))
@@ -63,7 +64,7 @@ class ValuePathFit:
         b, h, l, r = contexts.shape
         z = contexts.permute(0, 2, 1, 3).reshape(b * l, h * r).float()
         y = target.reshape(b * l, -1).float()
-        # E[zzᵀ] is symmetric: only the head blocks on and below the diagonal are computed (55 % of the flops at 9 heads)
+        # E[zzᵀ] is symmetric: only the head blocks on and below the diagonal are computed
         add_lower_gram(self.zz, z, [i * r for i in range(h + 1)])
         self.yz += (y.T @ z).double().cpu()
         self.z_sum += z.sum(0).double().cpu()
@@ -165,8 +166,8 @@ def value_path_prior(*, tensors: dict, plan: ConversionPlan) -> torch.Tensor:
     return torch.einsum("ohd,hdr->ohr", wo, up_v).reshape(plan.hidden, n_h * r)
 
 
-# Above this many features (heads × rank) the joint fit's normal equations get large (16k² floats at Llama-2-7B
-# 512+64); each head's up-projection is then fitted alone against the source head's output, W_o kept.
+# Above this many features (heads × rank) the joint fit's normal equations get large ((heads·rank)² floats); each
+# head's up-projection is then fitted alone against the source head's output, W_o kept.
 JOINT_MAX_FEATURES = 4096
 
 

@@ -12,7 +12,7 @@ expands the cache. With ``kv_b_proj`` split per head h into ``W_uk[h]`` (qk_nope
 i.e. multi-query attention with one shared head of width R + D (values: width R), costing
 O(context · heads · (R + D)) per decode step. The same cache tensors serve both paths. Long prefills stay expanded
 (cheaper there: see :func:`absorbed_is_cheaper`), but go through SDPA with V zero-padded to the qk head width: the
-stock call, with qk_nope + qk_rope ≠ v, misses torch's fused CPU kernel (math fallback: ~10x slower, O(T²) memory).
+stock call, with qk_nope + qk_rope ≠ v, misses torch's fused CPU kernel (the math fallback: slower, O(T²) memory).
 
 Nothing in the checkpoint changes: :func:`absorb` only replaces each attention module's ``forward`` on the loaded
 model (an instance attribute; the parameters, ``state_dict`` and ``save_pretrained`` output are untouched), so the same
@@ -141,7 +141,7 @@ def _absorbed_forward(
 
     Each step takes one of three paths: absorbed attention over the cached latent (decode); expanded attention through
     SDPA with V zero-padded to the qk head width (long prefills under ``sdpa``: with qk ≠ v head dims torch's CPU
-    flash kernel is skipped for the math fallback, ~10x slower and O(T²) memory); or the stock forward (the rest).
+    flash kernel is skipped for the math fallback, slower and O(T²) memory); or the stock forward (the rest).
     """
     if cache is None and "past_key_values" in kwargs:
         cache = kwargs.pop("past_key_values")
