@@ -6,7 +6,7 @@
 
 A budget ``R+D`` is ``kv_lora_rank`` R plus ``qk_rope_head_dim`` D cached values per token per layer (the source caches
 2·3·64 = 384). For each budget the source is converted with ``mha2mla.convert(rank=R, rope_dim=D)`` and evaluated with
-``mha2mla.eval.evaluate.evaluate``: perplexity on ``ASSETS/text/enwiki.test.txt`` (first 16384 tokens, non-overlapping
+``mha2mla.eval.compare.evaluate``: perplexity on ``ASSETS/text/enwiki.test.txt`` (first 16384 tokens, non-overlapping
 windows of 1024) and the five local lm-eval tasks (``ASSETS/tasks``: arc_easy, arc_challenge, hellaswag, piqa,
 lambada_openai) on their first ``--limit`` documents, all with the same settings as the source, whose results are
 cached after the first run. Prints a Markdown table (budget, KV saved %, perplexity, each task's acc, average acc) and
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import mha2mla
-    from mha2mla.eval.evaluate import evaluate
+    from mha2mla.eval.compare import evaluate
 
     from mha2mla import Method
 

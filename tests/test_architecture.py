@@ -140,12 +140,18 @@ def test_every_subpackage_says_what_it_owns(sub):
 
 
 def test_public_api():
-    """The names users call stay where the README says they are."""
+    """The names users call stay where the README says they are, also once every module is imported (a submodule
+    named like a function would shadow it)."""
+    import pkgutil
+
+    for info in pkgutil.walk_packages(mha2mla.__path__, "mha2mla."):
+        importlib.import_module(info.name)
     from mha2mla.conversion.pipeline import convert
 
     assert mha2mla.convert is convert
     assert mha2mla.Method is importlib.import_module("mha2mla.conversion.options").Method
-    assert callable(importlib.import_module("mha2mla.heal").heal)
-    assert callable(importlib.import_module("mha2mla.eval").evaluate)
-    assert callable(importlib.import_module("mha2mla.serve").absorb)
-    assert callable(importlib.import_module("mha2mla.cli").main)
+    for package, name in [("mha2mla", "convert"), ("mha2mla", "Method"), ("mha2mla.conversion", "convert"),
+                          ("mha2mla.heal", "heal"), ("mha2mla.eval", "evaluate"), ("mha2mla.serve", "absorb"),
+                          ("mha2mla.serve", "pad_checkpoint"), ("mha2mla.cli", "main")]:
+        obj = getattr(importlib.import_module(package), name)
+        assert callable(obj) and not isinstance(obj, type(mha2mla)), f"{package}.{name} is {obj!r}"

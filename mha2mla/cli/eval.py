@@ -88,7 +88,7 @@ def eval_command(model, baseline, tasks, limit, include_path, ppl_data, ppl_toke
           --tasks arc_easy,hellaswag --include-path tasks/ --limit 500 \\
           --ppl-data wiki.test.txt --output results.json --plot recovery.png
     """
-    from mha2mla.eval.evaluate import evaluate, plot_recovery, render_markdown
+    from mha2mla.eval.compare import evaluate, plot_recovery, render_markdown
 
     _setup_logging(quiet)
     if plot and not baseline:

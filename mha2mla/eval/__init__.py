@@ -1,11 +1,11 @@
 """``mha2mla eval``: a converted model against its source on lm-eval tasks (:mod:`.tasks`), perplexity
-(:mod:`.perplexity`) and long-context checks (:mod:`.long_context`), side by side (:mod:`.evaluate`,
+(:mod:`.perplexity`) and long-context checks (:mod:`.long_context`), side by side (:mod:`.compare`,
 :mod:`.report`)."""
 
 import importlib
 
 __all__ = ["evaluate"]
-_WHERE = {'evaluate': 'mha2mla.eval.evaluate'}
+_WHERE = {'evaluate': 'mha2mla.eval.compare'}
 
 
 def __getattr__(name: str):

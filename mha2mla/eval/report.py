@@ -1,4 +1,4 @@
-"""Rows, Markdown table and recovery plot of an :func:`mha2mla.eval.evaluate.evaluate` result."""
+"""Rows, Markdown table and recovery plot of an :func:`mha2mla.eval.compare.evaluate` result."""
 
 from __future__ import annotations
 
