@@ -174,12 +174,17 @@ def _describe(calibration) -> str | None:
     return calibration if calibration is None or isinstance(calibration, str) else f"{len(calibration)} documents"
 
 
-def _scaled(t: torch.Tensor, scale: float, out_dt: torch.dtype) -> torch.Tensor:
-    """``t·scale`` rounded once to ``out_dt`` without a float64/float32 copy of a large tensor (scalar ops on bf16
-    compute in float32 internally, so this equals rounding the exact product)."""
+def _scaled(t: torch.Tensor, scale: float, out_dt: torch.dtype, rows: int = 8192) -> torch.Tensor:
+    """``t·scale`` rounded once to ``out_dt``, ``rows`` rows at a time: never a float32 copy of a large tensor (an
+    embedding table), and each row's values are those of the whole-tensor product."""
     if scale == 1.0:
         return t.to(out_dt)
-    return (t * scale).to(out_dt) if t.dtype in (out_dt, torch.float32, torch.float64) else (t.float() * scale).to(out_dt)
+    out = torch.empty(t.shape, dtype=out_dt)
+    for r in range(0, t.shape[0], rows):
+        part = t[r : r + rows]
+        wide = part if part.dtype in (out_dt, torch.float32, torch.float64) else part.float()
+        out[r : r + rows] = (wide * scale).to(out_dt)
+    return out
 
 
 def _write_shared(writer: ShardWriter, src: SourceModel, plan: ConversionPlan) -> None:

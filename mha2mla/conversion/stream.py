@@ -267,7 +267,8 @@ class Propagation:
         rotary = _rotary(source, self.config)
         self.pos = torch.arange(tokens.shape[1], device=self.device)[None]
         embed = source.get("model.embed_tokens.weight")
-        self.h = torch.nn.functional.embedding(tokens.to(self.device), embed.to(self.device).float())
+        # looked up in the stored dtype, then widened: no float32 copy of the whole table
+        self.h = torch.nn.functional.embedding(tokens.to(self.device), embed.to(self.device)).float()
         del embed
         # the source model's own hidden states, carried alongside (for the output fit's drift correction and the MLP refit)
         n = tokens.shape[0] if source_sequences is None else min(tokens.shape[0], -(-source_sequences // batch) * batch)
@@ -354,7 +355,7 @@ class Propagation:
         if not math.isfinite(float(sigma.diagonal().sum())):
             raise Mha2mlaError(f"layer {i}: calibration activations are not finite; the source overflows in float32 on this data")
         return LayerCalibration(sigma=sigma, distance_hist=hist, inv_freq=self.inv_freq, x_sample=torch.cat(sample),
-                                sigma_ctx=(ctx / max(ctx_count, 1)).float() if value_contexts else None, sigma_key=key / (n * l * nh),
+                                sigma_ctx=ctx.div_(max(ctx_count, 1)).float() if value_contexts else None, sigma_key=key / (n * l * nh),
                                 head_outputs=outs if head_outputs else None)
 
     @torch.no_grad()
