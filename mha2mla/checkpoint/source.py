@@ -39,6 +39,13 @@ TOKENIZER_FILES = (
 )
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 2**24) -> bool:
+    """Whether every value is finite, checked a chunk of elements at a time (no full-size temporaries for a large
+    embedding table)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 @dataclass
 class SourceModel:
     """A validated source checkpoint whose tensors are read on demand.
@@ -96,7 +103,7 @@ class SourceModel:
                     raise Mha2mlaError(f"cannot read tensor {name!r} from {shard}: {str(e).splitlines()[0][:160]} (truncated or corrupt shard?)") from None
                 raise KeyboardInterrupt from None  # the shard reads fine: the failed read was interrupted
         if name not in self._finite and t.is_floating_point():
-            if not bool(torch.isfinite(t).all()):
+            if not _all_finite(t):
                 raise Mha2mlaError(f"source tensor {name!r} contains NaN or Inf values; refusing to convert a broken checkpoint")
             self._finite.add(name)
         return t

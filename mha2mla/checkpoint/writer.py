@@ -225,6 +225,8 @@ class ShardWriter:
         self._pending[name] = tensor.contiguous()
         self._pending_bytes += size
         self._total += size
+        if self._pending_bytes > self.max_shard_bytes:  # full: the next add would flush it anyway (same shards)
+            self.flush()
 
     def flush(self) -> None:
         if not self._pending:

@@ -26,7 +26,7 @@ import torch
 
 from mha2mla.conversion.options import Method
 from mha2mla.conversion.stream import LayerCalibration
-from mha2mla.ops.factorize import balance_weight, factorize_latent, fit_up, linear_norm_scale, refine_latent, sqrtm_psd
+from mha2mla.ops.factorize import balance_weight, factorize_latent, fit_up, linear_norm_scale, refine_latent, sqrtm_psd, cholesky_root
 from mha2mla.ops.shapes import TARGET_EPS, ConversionPlan, kv_group
 from mha2mla.ops.attention import mla_output, relative_output_error, source_attention, source_output_from_heads
 from mha2mla.ops.rope import expected_rotation, key_planes, kept_frequencies, principal_mix, scale_planes, split_rope
@@ -172,7 +172,10 @@ def convert_attention(
     if calib is not None:
         sig_x = calib.sigma[:-1, :-1].to(k_rows.dtype)
         if method.activation_aware:
-            factor_kw["input_sqrt_cov"] = sqrtm_psd(_key_sigma(calib, method)[:-1, :-1].to(k_rows.dtype))
+            # float64 (small models): the symmetric root; float32 (large ones): a Cholesky factor, the same weighted
+            # norm for a fraction of the cost of a hidden × hidden eigendecomposition
+            root = sqrtm_psd if k_rows.dtype == torch.float64 else cholesky_root
+            factor_kw["input_sqrt_cov"] = root(_key_sigma(calib, method)[:-1, :-1].to(k_rows.dtype))
         if method.output_weighted:
             sig_q = calib.sigma.to(q.dtype) if q.shape[-1] == hidden + 1 else sig_x
             qn = q_nope.reshape(n_h, hd, -1)

@@ -193,9 +193,12 @@ def _write_shared(writer: ShardWriter, src: SourceModel, plan: ConversionPlan) -
     embed = src.get("model.embed_tokens.weight")
     writer.add("model.embed_tokens.weight", _scaled(embed, s, out_dt))
     if not plan.tie_embeddings:
-        head = embed if src.tied else src.get("lm_head.weight")
-        writer.add("lm_head.weight", head.to(out_dt))
-    del embed
+        head = embed if src.tied else None
+        del embed  # (one vocabulary-sized table at a time)
+        writer.add("lm_head.weight", (head if head is not None else src.get("lm_head.weight")).to(out_dt))
+        del head
+    else:
+        del embed
     writer.add("model.norm.weight", src.get("model.norm.weight").to(out_dt))
 
 

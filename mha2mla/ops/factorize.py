@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["LatentFactors", "factorize_latent", "refine_latent", "fit_up", "balance_weight", "svd_via_gram", "truncated_svd",
-           "linear_norm_scale", "sqrtm_psd"]
+           "linear_norm_scale", "sqrtm_psd", "cholesky_root"]
 
 # Up to this many columns/rows an exact SVD is cheap; above it a randomised SVD with power iterations is used.
 EXACT_SVD_MAX_DIM = 2048
@@ -139,7 +139,7 @@ def factorize_latent(
     """Jointly factorise stacked no-RoPE key rows ``k`` and value rows ``v`` through one rank-``rank`` latent.
 
     Minimises ``k_weight·E‖L_k(K − K̂)x‖² + E‖L_v(V − V̂)x‖²`` over ``[K̂; V̂] = B·W_down`` of rank R, where ``E[xxᵀ] =
-    S²`` (``S = input_sqrt_cov``, identity when None) and ``L_k``/``L_v`` are block-diagonal output weights (identity
+    S Sᵀ`` (``S = input_sqrt_cov``, identity when None) and ``L_k``/``L_v`` are block-diagonal output weights (identity
     when None): the SVD of ``L M S`` gives ``U_R``; then ``W_down = U_Rᵀ L M`` and ``B = L⁻¹ U_R``.
 
     Args:
@@ -147,7 +147,8 @@ def factorize_latent(
         v: ``[v_rows, in]`` value rows of every KV head, stacked.
         rank: ``kv_lora_rank``; ``1 ≤ rank ≤ min(k_rows + v_rows, in)``.
         k_weight: relative weight of the key rows in the joint objective (values have weight 1).
-        input_sqrt_cov: optional ``[in, in]`` symmetric square root of the input second moment (activation-aware).
+        input_sqrt_cov: optional ``[in, in]`` square root ``S`` (``S Sᵀ = E[xxᵀ]``: symmetric, or a Cholesky factor) of
+            the input second moment (activation-aware).
         left_k: optional ``[n_kv, hd, hd]`` invertible weights on each KV head's key rows (e.g. the root of the
             second moment of the queries that read them).
         left_v: optional ``[n_kv, hd, hd]`` invertible weights on each KV head's value rows (e.g. ``(W_oᵀW_o)^{1/2}``).
@@ -205,6 +206,20 @@ def sqrtm_psd(m: torch.Tensor, *, ridge: float = 1e-6) -> torch.Tensor:
     scale = m.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1e-30)
     vals, vecs = torch.linalg.eigh(m + ridge * scale * eye)
     return (vecs * vals.clamp_min(0).sqrt()[..., None, :]) @ vecs.transpose(-1, -2)
+
+
+def cholesky_root(m: torch.Tensor, *, ridge: float = 1e-6) -> torch.Tensor:
+    """A square root ``L`` (lower triangular, ``L Lᵀ = m + ridge``) of a positive semi-definite matrix, with the same
+    relative ridge as :func:`sqrtm_psd`: where only ``‖X L‖`` matters (a weighted norm), any root gives the same value,
+    and a Cholesky factor costs a fraction of an eigendecomposition. Computed in float64, returned in ``m``'s dtype;
+    falls back to :func:`sqrtm_psd` if the factorisation fails."""
+    a = m.double()
+    a = (a + a.transpose(-1, -2)) / 2
+    scale = a.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1e-30)
+    root, info = torch.linalg.cholesky_ex(a + ridge * scale * torch.eye(a.shape[-1], dtype=a.dtype))
+    if bool((info != 0).any()):
+        return sqrtm_psd(m, ridge=ridge)
+    return root.to(m.dtype)
 
 
 def linear_norm_scale(*, down: torch.Tensor, input_norm_bound: float, eps: float = 1e-6, rel_error: float = 1e-5) -> tuple[float, float]:
