@@ -165,13 +165,18 @@ def _rotary(source: SourceModel, config):
 @torch.no_grad()
 def attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
                      hd: int, contexts: bool, ctx_rows: int = 0, ctx_stride: int = 1, ctx_offset: int = 0,
-                     outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor, torch.Tensor | None]:
+                     outputs: bool = False, lower: bool = False,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor, torch.Tensor | None]:
     """For one batch ``x [B, L, hidden]``: attention mass per head at each distance Δ = m − n; per KV group the summed
     second moment of the attention-averaged inputs ``x̄_h = Σ_n p_h,mn x_n`` over the queries ``m`` of the first
     ``ctx_rows`` sequences (all of them as ``Xᵀ(Σ_h P_hᵀP_h)X``; with ``ctx_stride > 1`` only the positions
     ``m ≡ ctx_offset (mod ctx_stride)``, directly from their ``x̄``) and how many query positions per sequence it
     summed; the attention each key receives (``[B·L, 1]``, summed over heads and queries); and, with ``outputs``, each
-    head's attention output ``[B, H, L, hd]`` (before ``o_proj``)."""
+    head's attention output ``[B, H, L, hd]`` (before ``o_proj``).
+
+    The moment is returned in float64; with ``lower`` (and ``ctx_stride > 1``) instead as the float32 accumulator whose
+    lower triangle holds it (:func:`mha2mla.ops.moments.symmetric_from_lower` gives the matrix): summed over batches
+    first and symmetrised once, it costs a fraction of the memory."""
     attn = layer.self_attn
     b, l, _ = x.shape
     q = attn.q_proj(x).view(b, l, n_heads, hd).transpose(1, 2)
@@ -219,6 +224,8 @@ def attention_stats(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                    for i, (i0, i1) in enumerate(zip(edges[:-1], edges[1:]))]
         ctx = context_moment_from_columns(columns, edges, x[:ctx_rows], n_kv)
     received = received.reshape(-1, 1)  # [B·L, 1]: attention each key gets, over heads and queries
+    if sampled and lower:
+        return hist, ctx, ctx_queries, received, heads
     if sampled:
         ctx = symmetric_from_lower(ctx)
     return hist, None if ctx is None else ctx.double(), ctx_queries, received, heads
@@ -338,18 +345,21 @@ class Propagation:
             n_ctx += rows
             dh, dc, queries, received, ho = attention_stats(
                 layer, x, self.cos[:, None], self.sin[:, None], nh, nkv, hd, rows > 0, ctx_rows=rows,
-                ctx_stride=context_stride, ctx_offset=batch % context_stride, outputs=head_outputs)
+                ctx_stride=context_stride, ctx_offset=batch % context_stride, outputs=head_outputs, lower=True)
             ctx_count += rows * queries
             if ho is not None:
                 outs.append(ho)
             hist += dh
             add_lower_gram(key, xa * received.sqrt(), edges)  # Σ received·[x;1][x;1]ᵀ
             if dc is not None:
-                ctx += dc
+                ctx += dc  # (float32 into float64: exact widening, no float64 copy of the batch's moment)
             if kept < sample_sequences:
                 sample.append(x[: sample_sequences - kept].cpu())
                 kept += sample[-1].shape[0]
         sigma, key = symmetric_from_lower(sigma), symmetric_from_lower(key)
+        if value_contexts and context_stride > 1:  # summed as lower triangles (attention_stats(lower=True))
+            for group in ctx:
+                group.copy_(symmetric_from_lower(group))
         sigma, hist, ctx, key = (t.cpu() for t in (sigma, hist, ctx, key))
         sigma /= n * l
         if not math.isfinite(float(sigma.diagonal().sum())):
