@@ -178,14 +178,13 @@ def factorize_latent(
     scale = float(stack.norm())
 
     def rel(err_rows: torch.Tensor, ref: torch.Tensor) -> float:
-        if input_sqrt_cov is not None:
-            err_rows, ref = err_rows @ input_sqrt_cov, ref @ input_sqrt_cov
         den = float(ref.norm())
         return float(err_rows.norm()) / den if den > 1e-12 * scale else 0.0  # an (numerically) empty block: no error
 
-    approx = u @ down
-    k_err = rel(kl - approx[: k.shape[0]], kl)
-    v_err = rel(vl - approx[k.shape[0] :], vl)
+    # the weighted residual (M − U Uᵀ M) S = T − U (Uᵀ T) of the target T = M S: no second product with S
+    resid = target - u @ (u.T @ target)
+    k_err = rel(resid[: k.shape[0]], target[: k.shape[0]])
+    v_err = rel(resid[k.shape[0] :], target[k.shape[0] :])
     total = float(target.norm() ** 2)
     kept = float((s**2).sum())
     return LatentFactors(
