@@ -14,7 +14,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "release_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _applied: bool | None = None
@@ -45,3 +45,16 @@ def keep_freed_memory() -> bool:
     # every block from the heap (mmap disabled), and the heap is never trimmed back
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``) where :func:`keep_freed_memory` is in
+    effect: called between the stages of a layer, so that memory one stage freed in pieces that the next cannot reuse
+    does not add to the next stage's peak. The pages of the heap that are in use stay; a no-op elsewhere."""
+    if not _applied:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mha2mla.allocator import release_freed_memory
 from mha2mla.checkpoint.source import SourceModel
 from mha2mla.conversion.latent import AttentionWeights, LayerStats, convert_attention
 from mha2mla.conversion.options import Method, Policy
@@ -84,9 +85,11 @@ def read_layer(src: SourceModel, i: int, dtype: torch.dtype) -> tuple[AttentionW
 
 def measure(stream: Propagation, i: int, method: Method) -> LayerCalibration:
     """Layer ``i``'s calibration statistics on the stream's current hidden states, as far as ``method`` reads them."""
-    return stream.layer_calibration(i, value_contexts=method.value_refit,
-                                    context_sequences=method.context_sequences or None,
-                                    context_stride=method.context_stride, head_outputs=method.output_fit)
+    calib = stream.layer_calibration(i, value_contexts=method.value_refit,
+                                     context_sequences=method.context_sequences or None,
+                                     context_stride=method.context_stride, head_outputs=method.output_fit)
+    release_freed_memory()
+    return calib
 
 
 def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm: torch.Tensor, index: int,
@@ -109,12 +112,15 @@ def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm
     result = LayerResult(tensors, stats)
     if calib is None:
         return result
+    release_freed_memory()  # (between stages: see mha2mla.allocator)
     if method.query_fit > 0:
         result.tensors, stats.query_kl_before, stats.query_kl_after = _fit_queries(
             stream, index, plan, weights, result.tensors, calib, method)
+        release_freed_memory()
     if method.output_fit:
         result.tensors, stats.output_fit_rel_error, result.outputs, result.source_outputs = _fit_output(
             stream, index, plan, weights, result.tensors, calib, policy)
+        release_freed_memory()
     return result
 
 
@@ -129,6 +135,7 @@ def advance(*, stream: Propagation, index: int, layer: LayerResult, rest: dict[s
         return
     attention = layer.outputs or _converted_attention(plan, layer.tensors, inv_freq, stream.h.shape[1], stream.device)
     down = stream.advance(index, attention, source_outputs=layer.source_outputs, mlp_drift=policy.mlp_drift, last=last)
+    release_freed_memory()
     if down is not None:
         w0 = rest["mlp.down_proj.weight"]
         layer.stats.mlp_rel_change = float((down - w0.double()).norm() / w0.double().norm().clamp_min(1e-30))
