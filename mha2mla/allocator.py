@@ -47,14 +47,27 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-def release_freed_memory() -> None:
+def release_freed_memory(*, above: int = 2**30) -> None:
     """Give the heap's free pages back to the system (glibc's ``malloc_trim``) where :func:`keep_freed_memory` is in
-    effect: called between the stages of a layer, so that memory one stage freed in pieces that the next cannot reuse
-    does not add to the next stage's peak. The pages of the heap that are in use stay; a no-op elsewhere."""
+    effect and more than ``above`` bytes of the heap are free: called between the stages of a layer (and the batches
+    of its statistics), so that memory one stage freed in pieces the next cannot reuse does not add to the next one's
+    peak. Small models never free that much, and keep reusing their pages. A no-op elsewhere."""
     if not _applied:
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if hasattr(libc, "mallinfo2"):
+            libc.mallinfo2.restype = _MallInfo2
+            if libc.mallinfo2().fordblks <= above:
+                return
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (``fordblks``: free bytes in the heap)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]

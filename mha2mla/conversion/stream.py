@@ -20,6 +20,7 @@ from mha2mla.progress import Steps
 from mha2mla.ops.mlp_fit import GRAM_BLOCKS, DownProjectionFit
 from mha2mla.ops.moments import add_lower_gram, block_edges, context_moment_from_columns, symmetric_from_lower
 from mha2mla.ops.attention import causal_score_blocks, weighted_sum
+from mha2mla.allocator import release_freed_memory
 from mha2mla.checkpoint.source import SUPPORTED_ARCHITECTURES, SourceModel
 
 __all__ = ["CalibrationSet", "LayerCalibration", "Propagation", "calibrate", "calibration_set", "calibration_tokens",
@@ -356,6 +357,8 @@ class Propagation:
             if kept < sample_sequences:
                 sample.append(x[: sample_sequences - kept].cpu())
                 kept += sample[-1].shape[0]
+            del dc, xa
+            release_freed_memory()  # (each batch frees the same large temporaries: see mha2mla.allocator)
         sigma, key = symmetric_from_lower(sigma), symmetric_from_lower(key)
         if value_contexts and context_stride > 1:  # summed as lower triangles (attention_stats(lower=True))
             for group in ctx:

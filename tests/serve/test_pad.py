@@ -1,4 +1,5 @@
-"""Exact zero-padding to vLLM's MLA shape (mha2mla.pad, ``mha2mla pad``, ``mha2mla convert --serve vllm``)."""
+"""Exact zero-padding to vLLM's MLA shape (:mod:`mha2mla.serve.pad`); the ``mha2mla pad`` and ``convert --serve``
+commands are in tests/cli/."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import load_json
-from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from mha2mla.cli import main
 from mha2mla.errors import Mha2mlaError
-from mha2mla.pad import MlaDims, pad_checkpoint, pad_config
+from mha2mla.serve.pad import MlaDims, pad_checkpoint, pad_config
+from tests.conftest import load_json, logits, token_ids
 
 
 def _random_mla(path, seed: int = 0, **overrides) -> str:
@@ -33,16 +32,6 @@ def _random_mla(path, seed: int = 0, **overrides) -> str:
                     else 0.2 * torch.randn(p.shape, generator=g))
     model.save_pretrained(path)
     return str(path)
-
-
-def _logits(path, ids) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def _ids(vocab: int = 64, length: int = 40) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(1))
 
 
 def _digest(path) -> dict:
@@ -64,8 +53,8 @@ def test_padded_logits_equal_the_unpadded(tmp_path, overrides):
     cfg = load_json(tmp_path / "padded" / "config.json")
     assert (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]) == (512, 64, 128, 128)
     assert res.source_dims == MlaDims(12, overrides.get("qk_rope_head_dim", 8), 16, 8)
-    ids = _ids()
-    diff = (_logits(src, ids) - _logits(str(tmp_path / "padded"), ids)).abs().max().item()
+    ids = token_ids(vocab=64, length=40, low=0)
+    diff = (logits(src, ids) - logits(str(tmp_path / "padded"), ids)).abs().max().item()
     assert diff <= 1e-4, f"max |Δlogit| {diff}"
     assert cfg["tie_word_embeddings"] is False
     record = load_json(tmp_path / "padded" / "mha2mla.json")
@@ -106,42 +95,3 @@ def test_pad_refuses_broken_and_unsafe(tmp_path):
     with pytest.raises(Mha2mlaError, match="kv_lora_rank: -4"):
         pad_checkpoint(source=src, output=str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
-
-
-def test_pad_cli_on_a_conversion_warns_about_a_larger_cache(tiny_source, tmp_path):
-    import mha2mla
-
-    src = tiny_source(n_kv=1, head_dim=16)  # source cache 2·1·16 = 32 values per token per layer
-    conv = tmp_path / "mla"
-    mha2mla.convert(source=src, output=str(conv), rank=12, rope_dim=8, progress=False)
-    result = CliRunner().invoke(main, ["pad", str(conv), "--output", str(tmp_path / "served")])
-    assert result.exit_code == 0, result.output
-    assert "12+8 (nope 16, v 16) -> 512+64 (nope 128, v 128)" in result.output
-    assert "warning: the padded cache (576 values per token per layer) is larger than the source model's own (32)" \
-        in result.output
-    assert "vLLM (CPU): yes, compressed cache" in result.output
-    card = (tmp_path / "served" / "README.md").read_text()
-    assert "larger than the source model's own" in card and "vllm serve" in card
-    assert (tmp_path / "served" / "tokenizer.json").exists()
-    ids = _ids(vocab=97)
-    diff = (_logits(str(conv), ids) - _logits(str(tmp_path / "served"), ids)).abs().max().item()
-    assert diff <= 1e-4, f"max |Δlogit| {diff}"
-
-
-def test_convert_serve_vllm(tiny_source, tmp_path):
-    src = tiny_source(n_kv=2, head_dim=16)
-    out = tmp_path / "served"
-    result = CliRunner().invoke(main, ["convert", src, "--output", str(out), "--rank", "24", "--rope-dim", "8",
-                                       "--serve", "vllm", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert "padded exactly to 512+64 (nope 128, v 128) for --serve vllm" in result.output
-    assert "LARGER than the source's" in result.output and "warning:" in result.output
-    assert "portable (every engine serves it with a compressed cache): yes" in result.output
-    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []  # no unpadded leftover
-    ref = tmp_path / "plain"
-    CliRunner().invoke(main, ["convert", src, "--output", str(ref), "--rank", "24", "--rope-dim", "8", "--quiet"])
-    ids = _ids(vocab=97)
-    diff = (_logits(str(ref), ids) - _logits(str(out), ids)).abs().max().item()
-    assert diff <= 1e-4, f"max |Δlogit| {diff}"
-    check = CliRunner().invoke(main, ["check", str(out)])
-    assert check.exit_code == 0 and check.output.startswith("PORTABLE")

@@ -1,4 +1,4 @@
-"""`mha2mla heal` under `accelerate launch --num_processes 2` on the CPU (gloo): DDP and FSDP2.
+"""The healing loop (:mod:`mha2mla.heal.loop`) under `accelerate launch --num_processes 2` on the CPU (gloo): DDP and FSDP2.
 
 Two processes with one sequence each must take the same steps as one process that accumulates two: the same rows of
 data, the same mean loss, the same update. Each case launches the real command line, as a user would.
@@ -15,14 +15,11 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from test_heal import SENTENCES, _tiny_mla
 
-from mha2mla.heal import heal
+from mha2mla.heal.loop import heal
+from tests.conftest import ENV, HEAL_SENTENCES, ROOT, tiny_mla
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "recipes", "accelerate")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "HF_HUB_OFFLINE": "1"}
 STEPS = 4
 # A constant learning rate: a run stopped at step k and resumed to step n then takes the same steps as a run of n
 # steps (a decaying schedule depends on max_steps).
@@ -33,8 +30,8 @@ COMMON = dict(seq_len=16, lr=3e-3, log_every=100, seed=3, schedule="constant")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
     text = root / "train.txt"
-    text.write_text(" ".join(SENTENCES * 40))
-    model = _tiny_mla(root / "mla")
+    text.write_text(" ".join(HEAL_SENTENCES * 40))
+    model = tiny_mla(root / "mla")
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the reference: one process, two micro-batches of one sequence per step

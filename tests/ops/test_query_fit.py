@@ -1,21 +1,21 @@
-"""Query refit to the source attention distributions (:mod:`mha2mla.query_fit`)."""
+"""Query refit to the source attention distributions (:mod:`mha2mla.ops.query_fit`)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import CORPUS
 
-import mha2mla
-from mha2mla.attention import AttentionWeights, Method, convert_attention
-from mha2mla.calibration import Propagation, calibration_tokens
-from mha2mla.plan import make_plan
-from mha2mla.query_fit import fit_queries, query_weight_name, source_log_probs
-from mha2mla.rope import kept_frequencies
-from mha2mla.source import load_source
+from mha2mla.checkpoint.source import load_source
+from mha2mla.conversion.latent import AttentionWeights, convert_attention
+from mha2mla.conversion.options import Method
+from mha2mla.conversion.plan import make_plan
+from mha2mla.conversion.stream import Propagation, calibration_tokens
+from mha2mla.ops.attention import absorbs_keys, mla_score_inputs
+from mha2mla.ops.query_fit import causal_logsumexp, fit_queries, query_weight_name, source_log_probs
+from mha2mla.ops.rope import kept_frequencies
+from tests.conftest import CORPUS
 
 
 def _layer(tiny_source, tmp_path, *, arch="llama", n_kv=2, rope_dim=4, rank=None, samples=12, length=48, **kw):
@@ -82,33 +82,16 @@ def test_query_fit_validates_its_inputs(tiny_source, tmp_path):
         fit_queries(tensors=tensors, plan=plan, inputs=[], targets=[], angles=angles)
 
 
-def test_conversion_records_the_query_fit(tiny_source, tmp_path):
-    src = tiny_source(n_kv=2, head_dim=16, seed=5)
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(CORPUS * 40)
-    res = mha2mla.convert(source=src, output=str(tmp_path / "out"), rank=24, rope_dim=4, calibration=str(corpus),
-                          calibration_samples=8, calibration_length=32, progress=False)
-    layers = json.loads((tmp_path / "out" / "mha2mla.json").read_text())["layers"]
-    assert len(layers) == len(res.layers) == 2
-    for layer in layers:
-        assert layer["attention_kl_after_query_fit"] < layer["attention_kl_before_query_fit"]
-    off = mha2mla.convert(source=src, output=str(tmp_path / "off"), rank=24, rope_dim=4, calibration=str(corpus),
-                          calibration_samples=8, calibration_length=32, progress=False, method=Method(query_fit=0))
-    assert all(layer.query_kl_before is None for layer in off.layers)
-
-
 @pytest.mark.parametrize("bias,rank", [(False, None), (True, None), (False, 12), (True, 12)])
 def test_the_fitted_loss_is_the_mean_attention_kl(tiny_source, tmp_path, bias, rank):
     """The fit's loss (written with the identity Σ p log softmax(s) = q·(Σ p k) − logsumexp(s)) equals the mean KL
     between the source and converted attention distributions computed directly from the converted layer (per-head
     keys; rank 12 < head_dim 16: the fit scores against the cached state with W_upK folded into the queries)."""
-    from mha2mla.reference import _mla_scores_inputs, absorbs_keys
-
     plan, tensors, xs, targets, angles = _layer(tiny_source, tmp_path, attention_bias=bias, rank=rank)
     assert absorbs_keys(plan) == (rank is not None)
     total, count = 0.0, 0
     for x, lp in zip(xs, targets):
-        qq, kk, _, _ = _mla_scores_inputs(tensors, plan, x, angles, values=False)
+        qq, kk, _, _ = mla_score_inputs(tensors, plan, x, angles, values=False)
         mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
         logq = (qq @ kk.transpose(-1, -2) * (plan.head_dim + plan.rope_dim) ** -0.5).masked_fill(~mask, -math.inf)
         logq = logq.log_softmax(-1)
@@ -123,7 +106,7 @@ def test_absorbed_fit_takes_the_steps_of_the_fit_on_the_query_weight(tiny_source
     """Below head_dim the fit multiplies the inputs by Q_hᵀ W_h only (W_upK,h = Q_h F_h) and folds F_h into the
     queries; the variable is still W, so L-BFGS must land where the fit with per-head keys lands, and W_h only moves
     within span(W_upK,h) (the rest has no gradient)."""
-    import mha2mla.query_fit as qf
+    import mha2mla.ops.query_fit as qf
 
     plan, tensors, xs, targets, angles = _layer(tiny_source, tmp_path, attention_bias=bias, rank=12)
     name = query_weight_name(tensors)
@@ -147,8 +130,6 @@ def test_absorbed_fit_takes_the_steps_of_the_fit_on_the_query_weight(tiny_source
 
 @pytest.mark.parametrize("length,shared", [(1, False), (7, False), (30, False), (7, True), (30, True)])
 def test_fused_causal_logsumexp_matches_autograd_of_the_dense_scores(length, shared):
-    from mha2mla.query_fit import _CausalLogSumExp
-
     g = torch.Generator().manual_seed(length)
     q = torch.randn(2, 3, length, 5, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 3, length, 5, generator=g, dtype=torch.float64)
@@ -158,7 +139,7 @@ def test_fused_causal_logsumexp_matches_autograd_of_the_dense_scores(length, sha
     mask = torch.ones(length, length, dtype=torch.bool).tril()
     dense = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")).logsumexp(-1)
     (want,) = torch.autograd.grad((dense * w).sum(), q)
-    fused = _CausalLogSumExp.apply(q, k[:, 0] if shared else k)
+    fused = causal_logsumexp(q, k[:, 0] if shared else k)
     (got,) = torch.autograd.grad((fused * w).sum(), q)
     assert torch.allclose(fused, dense, rtol=1e-12, atol=1e-12)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -1,6 +1,7 @@
-"""The demo's Wikipedia cleaner (pure text processing; the download itself is not exercised in tests)."""
+"""The demo's Wikipedia cleaner (:mod:`mha2mla.demo.text`: pure text processing; the download itself is not
+exercised in tests)."""
 
-from mha2mla.demo_text import clean_wiki
+from mha2mla.demo.text import clean_wiki
 
 
 def test_clean_wiki_strips_markup_and_keeps_prose():

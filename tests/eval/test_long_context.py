@@ -1,4 +1,4 @@
-"""Long-context evaluation: perplexity by position bucket and passkey retrieval, on tiny random models."""
+"""Long-context evaluation (:mod:`mha2mla.eval.long_context`): perplexity by position bucket and passkey retrieval, on tiny random models."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mha2mla.conversion.pipeline import convert
 from mha2mla.errors import Mha2mlaError
-from mha2mla.long_context import (bucket_edges, parse_passkey, passkey_prompt, passkey_retrieval, position_perplexity,
-                                  render_long_context, token_nll)
-from mha2mla.perplexity import perplexity
+from mha2mla.eval.long_context import (PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_KEY, PASSKEY_QUESTION, bucket_edges,
+                                       greedy_tokens, parse_passkey, passkey_prompt, passkey_retrieval,
+                                       position_perplexity, render_long_context, token_nll)
+from mha2mla.eval.perplexity import perplexity
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def test_bucket_edges_cut_to_the_window():
 
 def test_token_nll_matches_full_logits(tiny, monkeypatch):
     model, _ = tiny
-    monkeypatch.setattr("mha2mla.long_context.LOGIT_CHUNK", 7)  # several chunks, the last one partial
+    monkeypatch.setattr("mha2mla.eval.long_context.LOGIT_CHUNK", 7)  # several chunks, the last one partial
     ids = torch.randint(3, 97, (40,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         got = token_nll(model=model, ids=ids)
@@ -91,17 +93,15 @@ def _char_tokenizer():
 @pytest.mark.parametrize("length", [600, 2000])
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.77, 1.0])
 def test_passkey_prompt_puts_the_key_at_the_asked_depth(length, depth):
-    from mha2mla.long_context import _FILLER, _INTRO, _KEY, _QUESTION
-
     tok = _char_tokenizer()
     ids, start = passkey_prompt(tokenizer=tok, length=length, depth=depth, key="48213")
-    filler = len(_FILLER)  # one token per character
+    filler = len(PASSKEY_FILLER)  # one token per character
     assert length - filler < len(ids) <= length
     text = tok.decode(ids)
-    assert text.startswith(_INTRO) and text.endswith(_QUESTION) and text.count("48213") == 2
-    assert text[start:].startswith(_KEY.format(key="48213"))
-    n_filler = (len(ids) - len(_INTRO) - len(_KEY.format(key="48213")) - len(_QUESTION)) // filler
-    before = (start - len(_INTRO)) / filler
+    assert text.startswith(PASSKEY_INTRO) and text.endswith(PASSKEY_QUESTION) and text.count("48213") == 2
+    assert text[start:].startswith(PASSKEY_KEY.format(key="48213"))
+    n_filler = (len(ids) - len(PASSKEY_INTRO) - len(PASSKEY_KEY.format(key="48213")) - len(PASSKEY_QUESTION)) // filler
+    before = (start - len(PASSKEY_INTRO)) / filler
     assert before == int(before) and abs(before / n_filler - depth) <= 0.5 / n_filler + 1e-9
 
 
@@ -139,11 +139,9 @@ def test_passkey_retrieval_runs_and_is_reproducible(tiny):
 
 def test_greedy_answer_equals_the_full_forward_argmax(tiny):
     """The cached greedy loop gives the same tokens as re-running the whole prompt each step."""
-    from mha2mla.long_context import _greedy
-
     model, _ = tiny
     ids = torch.randint(3, 97, (30,), generator=torch.Generator().manual_seed(2)).tolist()
-    got = _greedy(model, ids, 5, "cpu")
+    got = greedy_tokens(model, ids, 5, "cpu")
     seq = list(ids)
     with torch.inference_mode():
         for _ in range(5):
@@ -167,8 +165,6 @@ def test_converted_model_sdpa_matches_eager(tiny_source, tmp_path):
     """The long-context tools load converted DeepseekV3 checkpoints with sdpa attention: same NLL as eager."""
     from transformers import AutoModelForCausalLM
 
-    from mha2mla.conversion import convert
-
     src = tiny_source(max_position_embeddings=512, n_heads=4, n_kv=2)
     out = convert(source=src, output=tmp_path / "mla", rank=16, rope_dim=8, progress=False).output
     ids = torch.randint(3, 97, (300,), generator=torch.Generator().manual_seed(3))
@@ -178,78 +174,3 @@ def test_converted_model_sdpa_matches_eager(tiny_source, tmp_path):
         with torch.inference_mode():
             nll[impl] = token_nll(model=model, ids=ids)
     torch.testing.assert_close(nll["sdpa"], nll["eager"], rtol=1e-4, atol=1e-4)
-
-
-def test_eval_cli_long_context(tiny_source, tmp_path, monkeypatch):
-    """`mha2mla eval --long-context`: position table with the ratio to the baseline, passkey table, JSON, cache."""
-    import json
-
-    from click.testing import CliRunner
-
-    from mha2mla import evaluate as ev
-    from mha2mla.cli import main
-    from mha2mla.conversion import convert
-    from tests.conftest import CORPUS
-
-    src = tiny_source(max_position_embeddings=1024, n_heads=4, n_kv=2)
-    conv = convert(source=src, output=tmp_path / "mla", rank=16, rope_dim=8, progress=False).output
-    text = tmp_path / "text.txt"
-    text.write_text(CORPUS * 60)
-    out = tmp_path / "r.json"
-    args = ["eval", str(conv), "--baseline", src, "--tasks", "", "--ppl-data", str(text), "--ppl-tokens", "64",
-            "--ppl-ctx", "32", "--long-context", "--long-context-windows", "1", "--passkey-trials", "2",
-            "--cache-dir", str(tmp_path / "cache"), "--output", str(out), "--quiet"]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output + res.stderr
-    assert "Perplexity by position, windows of 1024 tokens (1 windows):" in res.stdout
-    assert "| ↳ ratio to source |" in res.stdout and "Passkey retrieval" in res.stdout
-    lc = json.loads(out.read_text())["long_context"]
-    for role in ("source", "converted"):
-        assert lc[role]["window"] == 1024
-        (pos,) = lc[role]["positions"]
-        assert [(b["start"], b["end"]) for b in pos["buckets"]] == [(0, 512), (512, 1024)]
-        assert [(k["length"], k["trials"]) for k in lc[role]["passkey"]] == [(1024, 2)]
-
-    def boom(*a, **k):
-        raise AssertionError("should have come from the cache")
-
-    monkeypatch.setattr(ev, "_load_model", boom)
-    again = CliRunner().invoke(main, args)
-    assert again.exit_code == 0, again.output + again.stderr
-    assert json.loads(out.read_text())["long_context"] == lc
-
-
-def test_slow_frequencies_need_their_rotation_only_over_long_distances():
-    """What moves the RoPE schedule at long range: 1 − |ρ|² of a slow frequency is ~0 over short attention distances
-    and large over long ones, while a fast one needs its rotation at both."""
-    from mha2mla.rope import expected_rotation
-
-    inv_freq = 1.0 / (1e5 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
-    short, long = torch.zeros(1, 4096, dtype=torch.float64), torch.zeros(1, 4096, dtype=torch.float64)
-    short[0, :512] = 1.0
-    long[0, :] = 1.0
-    need = {k: 1 - expected_rotation(distance_hist=h, inv_freq=inv_freq).abs().pow(2)[0] for k, h in
-            (("short", short), ("long", long))}
-    slow = 18  # wavelength ~4k tokens
-    assert need["short"][slow] < 0.1 < 0.5 < need["long"][slow]
-    assert need["short"][0] > 0.9 and need["long"][0] > 0.9
-
-
-def test_rope_schedule_is_chosen_over_a_long_calibration_sequence(tiny_source, tmp_path):
-    from mha2mla.attention import Method
-    from mha2mla.conversion import convert
-    from tests.conftest import CORPUS
-
-    src = tiny_source(n_kv=2, head_dim=16, max_position_embeddings=256)
-    text = tmp_path / "c.txt"
-    text.write_text(CORPUS * 40)
-    kw = dict(source=src, rank=12, rope_dim=4, calibration=str(text), calibration_samples=4, calibration_length=32,
-              progress=False)
-    rec = convert(output=tmp_path / "a", method=Method(rope_context=4096), **kw).record["calibration"]
-    assert rec["rope_context"] == 256  # capped at max_position_embeddings
-    assert len(rec["rope_stride_shares"]) == 4  # strides 1..head_dim/rope_dim
-    rec = convert(output=tmp_path / "b", **kw).record["calibration"]  # the default: the calibration sequences decide
-    assert "rope_context" not in rec and rec["rope_stride_shares"]
-    text.write_text(CORPUS * 2)  # too little text for one sequence of 256 tokens: the calibration sequences decide
-    rec = convert(output=tmp_path / "c", method=Method(rope_context=4096), **kw).record["calibration"]
-    assert rec["rope_context"].startswith("not used") and rec["rope_stride_shares"]

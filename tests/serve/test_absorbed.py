@@ -1,4 +1,4 @@
-"""Weight-absorbed decoding (mha2mla.inference) against the stock DeepseekV3 attention, on tiny random models."""
+"""Weight-absorbed decoding (:mod:`mha2mla.serve.absorbed`) against the stock DeepseekV3 attention, on tiny random models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache
 
-from mha2mla.inference import absorb, absorbed, absorbed_is_cheaper, is_absorbed, unabsorb
+from mha2mla.serve.absorbed import absorb, absorbed, absorbed_is_cheaper, is_absorbed, unabsorb
 
 VOCAB = 128
 
