@@ -68,6 +68,7 @@ CASES = {
     "tiny-llama-datafree": ("llama", 4, 2, dict(rank=16, rope_dim=8)),
     "tiny-llama-calibrated": ("llama", 4, 2, dict(rank=16, rope_dim=8, calibrated=True)),
     "tiny-llama-kv-budget": ("llama", 4, 2, dict(kv_budget=24, calibrated=True)),
+    "tiny-llama-drift": ("llama", 4, 2, dict(rank=8, rope_dim=8, calibrated=True)),  # source tracked, MLP refit
     "tiny-qwen2-bf16-biases": ("qwen2", 4, 2, dict(rank=20, rope_dim=4, dtype="bfloat16")),
 }
 
@@ -82,6 +83,7 @@ def convert_case(name: str, out: str) -> str:
         from mha2mla.attention import Method
 
     ct = _conftest()
+    os.makedirs(out, exist_ok=True)
     arch, n_heads, n_kv, options = CASES[name]
     kw = dict(options)
     if kw.pop("calibrated", False):

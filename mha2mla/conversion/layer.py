@@ -88,6 +88,7 @@ def measure(stream: Propagation, i: int, method: Method) -> LayerCalibration:
     calib = stream.layer_calibration(i, value_contexts=method.value_refit,
                                      context_sequences=method.context_sequences or None,
                                      context_stride=method.context_stride, head_outputs=method.output_fit)
+    stream.park_mlp(i)
     release_freed_memory()
     return calib
 
@@ -112,6 +113,7 @@ def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm
     result = LayerResult(tensors, stats)
     if calib is None:
         return result
+    calib.sigma_ctx = calib.sigma_key = None  # (read by the latent only: the largest statistics)
     release_freed_memory()  # (between stages: see mha2mla.allocator)
     if method.query_fit > 0:
         result.tensors, stats.query_kl_before, stats.query_kl_after = _fit_queries(
