@@ -1,7 +1,7 @@
 import time, torch
 torch.set_num_threads(1)
-from mha2mla.source import load_source
-from mha2mla.calibration import calibrate, calibration_tokens
+from mha2mla.checkpoint.source import load_source
+from mha2mla.conversion.stream import calibrate, calibration_tokens
 src = load_source("/work/assets/models/smollm2-135m")
 for n, L in [(2, 512), (1, 4096)]:
     tok = calibration_tokens(source=src, data="/work/assets/text/enwiki.train.txt", samples=n, length=L)

@@ -4,9 +4,9 @@ import sys, json, time, torch
 torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama import modeling_llama as ml
-from mha2mla.rope import expected_rotation, kept_frequencies
+from mha2mla.ops.rope import expected_rotation, kept_frequencies
 from mha2mla.data import load_texts, pack_tokens
-from mha2mla.long_context import position_perplexity, passkey_retrieval
+from mha2mla.eval.long_context import position_perplexity, passkey_retrieval
 stride, hist_file, tag = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 passkeys = [int(x) for x in sys.argv[4].split(",") if x] if len(sys.argv) > 4 else [4096]
 SRC = "/work/assets/models/smollm2-135m"
