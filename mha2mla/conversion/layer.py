@@ -25,15 +25,16 @@ from mha2mla.ops.rope import kept_frequencies
 from mha2mla.ops.shapes import ConversionPlan
 from mha2mla.ops.value_fit import HeadwiseValueFit, ValuePathFit, value_path_prior, with_head_values, with_value_path
 
-__all__ = ["LayerResult", "compute_dtype", "read_layer", "measure", "convert_layer", "advance"]
+__all__ = ["LayerResult", "REST_NAMES", "compute_dtype", "read_layer", "measure", "convert_layer", "advance"]
 
 # Up to this hidden size the layer math runs in float64 (cheap, and exact to rounding); above it in float32.
 FLOAT64_MAX_HIDDEN = 2048
 # The output fit keeps each calibration batch's converted head contexts for the step past the layer when they take at
 # most this many floats (N·L·heads·rank); above it the converted layer is run again.
 CONTEXT_CACHE_MAX_FLOATS = 256 * 2**20
-_MLP_AND_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-                  "mlp.up_proj.weight", "mlp.down_proj.weight")
+# A layer's tensors besides its attention, in the order they are written.
+REST_NAMES = ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+              "mlp.down_proj.weight")
 
 
 def compute_dtype(hidden: int) -> torch.dtype:
@@ -59,9 +60,10 @@ class LayerResult:
     source_outputs: list[torch.Tensor] | None = None
 
 
-def read_layer(src: SourceModel, i: int, dtype: torch.dtype) -> tuple[AttentionWeights, dict[str, torch.Tensor]]:
-    """Layer ``i``'s attention weights in ``dtype`` (shapes checked against the config), and its norms and MLP as
-    stored."""
+def read_layer(src: SourceModel, i: int, dtype: torch.dtype, *,
+               mlp: bool = True) -> tuple[AttentionWeights, dict[str, torch.Tensor]]:
+    """Layer ``i``'s attention weights in ``dtype`` (shapes checked against the config), and its norms and (with
+    ``mlp``) MLP as stored."""
     p = f"model.layers.{i}."
 
     def get(n):
@@ -80,7 +82,7 @@ def read_layer(src: SourceModel, i: int, dtype: torch.dtype) -> tuple[AttentionW
         got = tuple(getattr(attn, x).shape)
         if got != shape:
             raise Mha2mlaError(f"layer {i} {x}_proj has shape {got}, but config.json implies {shape}; config and weights disagree")
-    return attn, {n: src.get(p + n) for n in _MLP_AND_NORMS}
+    return attn, {n: src.get(p + n) for n in REST_NAMES if mlp or not n.startswith("mlp.")}
 
 
 def measure(stream: Propagation, i: int, method: Method) -> LayerCalibration:
@@ -129,17 +131,19 @@ def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm
 def advance(*, stream: Propagation, index: int, layer: LayerResult, rest: dict[str, torch.Tensor], plan: ConversionPlan,
             method: Method, policy: Policy, inv_freq: torch.Tensor) -> None:
     """Move the calibration stream past layer ``index`` (through the converted attention when ``method.sequential``).
-    Where the MLP is refit against the drift, its new down-projection replaces ``rest["mlp.down_proj.weight"]`` and
-    the layer's stats record how far it moved."""
+    Where the MLP is refit against the drift, its new down-projection goes into ``rest["mlp.down_proj.weight"]`` and
+    the layer's stats record how far it moved from the source's."""
     last = index == plan.n_layers - 1  # (nothing reads the hidden states past it: advance only refits)
     if not method.sequential:
         stream.advance(index, last=last)
         return
     attention = layer.outputs or _converted_attention(plan, layer.tensors, inv_freq, stream.h.shape[1], stream.device)
     down = stream.advance(index, attention, source_outputs=layer.source_outputs, mlp_drift=policy.mlp_drift, last=last)
+    layer.outputs = layer.source_outputs = None
     release_freed_memory()
     if down is not None:
-        w0 = rest["mlp.down_proj.weight"]
+        name = "mlp.down_proj.weight"
+        w0 = rest[name] if name in rest else stream.source.get(f"model.layers.{index}.{name}")
         layer.stats.mlp_rel_change = float((down - w0.double()).norm() / w0.double().norm().clamp_min(1e-30))
         rest["mlp.down_proj.weight"] = down.to(compute_dtype(plan.hidden))
 

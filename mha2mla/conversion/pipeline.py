@@ -19,7 +19,7 @@ from mha2mla.checkpoint.source import SourceModel, copy_tokenizer_files, load_so
 from mha2mla.checkpoint.target_config import deepseek_v3_config
 from mha2mla.checkpoint.writer import ShardWriter, atomic_output_dir, check_output_path, shard_bytes
 from mha2mla.conversion.latent import LayerStats
-from mha2mla.conversion.layer import advance, compute_dtype, convert_layer, measure, read_layer
+from mha2mla.conversion.layer import REST_NAMES, advance, compute_dtype, convert_layer, measure, read_layer
 from mha2mla.conversion.options import Method, Policy
 from mha2mla.conversion.record import write_model_card, write_record
 from mha2mla.conversion.schedule import Schedule, choose_schedule, first_plan
@@ -117,7 +117,7 @@ def convert(
                     enabled=progress)
         for i in bar:
             t_layer = time.time()
-            weights, rest = read_layer(src, i, compute_dtype(plan.hidden))
+            weights, rest = read_layer(src, i, compute_dtype(plan.hidden), mlp=False)  # (MLP: read when written)
             stats_i = None if stream is None else measure(stream, i, method)
             layer = convert_layer(plan=plan, weights=weights, input_norm=rest["input_layernorm.weight"], index=i,
                                   calib=stats_i, stream=stream, method=method, policy=policy)
@@ -125,7 +125,7 @@ def convert(
                 advance(stream=stream, index=i, layer=layer, rest=rest, plan=plan, method=method, policy=policy,
                         inv_freq=stats_i.inv_freq)
             del stats_i  # (the statistics are the largest per-layer buffers: freed before the next layer's)
-            _write_layer(writer, i, layer.tensors, rest, plan)
+            _write_layer(writer, src, i, layer.tensors, rest, plan)
             layer.stats.seconds = time.time() - t_layer
             stats.append(layer.stats)
             bar.set_postfix(k_err=f"{layer.stats.k_rel_error:.3f}", v_err=f"{layer.stats.v_rel_error:.3f}")
@@ -202,12 +202,15 @@ def _write_shared(writer: ShardWriter, src: SourceModel, plan: ConversionPlan) -
     writer.add("model.norm.weight", src.get("model.norm.weight").to(out_dt))
 
 
-def _write_layer(writer: ShardWriter, i: int, attention: dict, rest: dict, plan: ConversionPlan) -> None:
-    """Layer ``i``'s converted attention, then its norms and MLP (the down-projection in the target's residual scale)."""
+def _write_layer(writer: ShardWriter, src: SourceModel, i: int, attention: dict, rest: dict,
+                 plan: ConversionPlan) -> None:
+    """Layer ``i``'s converted attention, then its norms and MLP (the down-projection in the target's residual scale):
+    from ``rest`` where the conversion holds them (a refit down-projection), else as the source stores them."""
     out_dt, p = plan.torch_dtype, f"model.layers.{i}."
     for n, t in attention.items():
         writer.add(p + "self_attn." + n, t.to(out_dt))
-    for n, t in rest.items():
+    for n in REST_NAMES:
+        t = rest[n] if n in rest else src.get(p + n)
         t = _scaled(t, plan.residual_scale, out_dt) if n == "mlp.down_proj.weight" else t
         writer.add(p + n, t.to(out_dt))
 
