@@ -48,7 +48,6 @@ def test_token_blocks_cut_in_order_or_in_a_seeded_order():
 def test_long_document_is_tokenised_on_a_prefix_with_the_same_ids(tiny_source):
     from transformers import AutoTokenizer
 
-
     tok = AutoTokenizer.from_pretrained(tiny_source())
     long_doc = CORPUS * 40
     full = tok(long_doc, add_special_tokens=False)["input_ids"]

@@ -126,11 +126,18 @@ def test_bad_max_shard_size(sources, tmp_path):
     assert_user_error(convert_cli(sources["src"], out, "--max-shard-size", "0"), "--max-shard-size must be a positive size", out)
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # a pytest started in the background (``pytest &`` without job control) hands its children SIGINT ignored;
+    # the convert under test gets it as a terminal gives it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_slow_convert(src, out) -> tuple[subprocess.Popen, str]:
     """Start a convert whose layers take a minute each; return it once its temporary directory exists."""
     script = slow_cli("mha2mla.conversion.pipeline", "convert_layer")
     p = subprocess.Popen([sys.executable, "-c", script, "convert", str(src), "--output", str(out), "--rank", "8", "-q"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                         preexec_fn=_ctrl_c_as_in_a_terminal)
     parent, name = os.path.split(os.path.abspath(out))
     tmp = os.path.join(parent, f".{name}.mha2mla-tmp-{p.pid}")
     deadline = time.time() + 60
