@@ -9,14 +9,15 @@ shared helpers: :mod:`mha2mla.errors`, :mod:`mha2mla.progress`, :mod:`mha2mla.da
 >>> mha2mla.convert(source="HuggingFaceTB/SmolLM2-135M", output="smollm2-mla", rank=96, rope_dim=32)  # doctest: +SKIP
 """
 
-import importlib
+from mha2mla.lazy import lazy_attributes
 
-__all__ = ["convert", "ConversionResult", "Method", "Mha2mlaError", "absorb", "pad_checkpoint"]
-_WHERE = {'convert': 'mha2mla.conversion.pipeline', 'ConversionResult': 'mha2mla.conversion.pipeline', 'Method': 'mha2mla.conversion.options', 'Mha2mlaError': 'mha2mla.errors', 'absorb': 'mha2mla.serve.absorbed', 'pad_checkpoint': 'mha2mla.serve.pad'}
-
-
-def __getattr__(name: str):
-    # lazy: importing one module of the package (e.g. from the CLI) does not import them all
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_WHERE = {
+    "convert": "mha2mla.conversion.pipeline",
+    "ConversionResult": "mha2mla.conversion.pipeline",
+    "Method": "mha2mla.conversion.options",
+    "Mha2mlaError": "mha2mla.errors",
+    "absorb": "mha2mla.serve.absorbed",
+    "pad_checkpoint": "mha2mla.serve.pad",
+}
+__all__ = list(_WHERE)
+__getattr__ = lazy_attributes(__name__, _WHERE)

@@ -1,4 +1,4 @@
-"""``mha2mla convert``: the CLI wrapper around :func:`mha2mla.convert.convert`."""
+"""``mha2mla convert``: the CLI wrapper around :func:`mha2mla.conversion.pipeline.convert`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import functools
 import click
 
 from mha2mla.cli.common import serving_lines, user_errors
+from mha2mla.serve.targets import SERVE_TARGETS
 
 
 @click.command("convert")
@@ -32,7 +33,7 @@ from mha2mla.cli.common import serving_lines, user_errors
               help="Calibrated ingredients for ablations, comma-separated NAME=VALUE switches of mha2mla.conversion.latent.Method, "
                    "e.g. 'drift_below_share=inf,output_fit_stride=1' (the slowest, most thorough settings).")
 @click.option("--report", is_flag=True, help="Also write mha2mla-report.png (error per layer, energy vs rank).")
-@click.option("--serve", type=click.Choice(["vllm", "vllm-gpu-320"]), default=None,
+@click.option("--serve", type=click.Choice(sorted(SERVE_TARGETS)), default=None,
               help="Write the checkpoint zero-padded (exactly) to the shape vLLM's MLA kernels accept: vllm = 512+64 with "
                    "qk_nope_head_dim = v_head_dim = 128 (CPU and GPU); vllm-gpu-320 = 256+64 (GPU only). See `mha2mla pad`.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")

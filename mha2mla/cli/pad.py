@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mha2mla.cli.common import serving_lines, user_errors
-from mha2mla.serve.pad import SERVE_TARGETS
+from mha2mla.serve.targets import SERVE_TARGETS
 
 __all__ = ["pad_cmd"]
 

@@ -2,14 +2,10 @@
 The loop (:mod:`.loop`), its memory-lean losses (:mod:`.losses`), its files (:mod:`.files`) and recipes
 (:mod:`.recipe`)."""
 
-import importlib
+from mha2mla.lazy import lazy_attributes
 
-__all__ = ["heal"]
-_WHERE = {'heal': 'mha2mla.heal.loop'}
-
-
-def __getattr__(name: str):
-    # lazy: importing one module of the package (e.g. from the CLI) does not import them all
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_WHERE = {
+    "heal": "mha2mla.heal.loop",
+}
+__all__ = list(_WHERE)
+__getattr__ = lazy_attributes(__name__, _WHERE)
