@@ -95,3 +95,32 @@ def test_latent_step_solves_its_normal_equations_with_per_head_value_blocks():
     rhs = rhs + sum(b.T @ w @ vv @ s for b, w, vv, s in zip(bv0, wv, v.reshape(n_h, hd, d), sv))
     want = torch.linalg.solve(op, rhs.reshape(-1)).reshape(r, d)
     assert torch.allclose(a, want, rtol=1e-6, atol=1e-8)
+
+
+def test_cholesky_root_gives_the_same_factorisation_as_the_symmetric_root():
+    """Any square root S of the input moment (S Sᵀ = Σ) weighs the error the same: the latent, up-projections and
+    errors from a Cholesky factor equal those from the symmetric root."""
+    from mha2mla.ops.factorize import cholesky_root, factorize_latent, sqrtm_psd
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 48, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 48, dtype=torch.float64)
+    sigma = x.T @ x / 400
+    k, v = torch.randn(32, 48, generator=g, dtype=torch.float64), torch.randn(32, 48, generator=g, dtype=torch.float64)
+    root = cholesky_root(sigma)
+    assert torch.allclose(root @ root.T, sigma, rtol=0, atol=1e-5 * float(sigma.diagonal().mean()))
+    assert torch.equal(root, root.tril())
+    sym = factorize_latent(k=k, v=v, rank=12, input_sqrt_cov=sqrtm_psd(sigma))
+    chol = factorize_latent(k=k, v=v, rank=12, input_sqrt_cov=root)
+    assert torch.allclose(chol.up_k @ chol.down, sym.up_k @ sym.down, atol=1e-9)
+    assert torch.allclose(chol.up_v @ chol.down, sym.up_v @ sym.down, atol=1e-9)
+    assert abs(chol.k_rel_error - sym.k_rel_error) < 1e-9 and abs(chol.v_rel_error - sym.v_rel_error) < 1e-9
+    assert abs(chol.energy_kept - sym.energy_kept) < 1e-9
+
+
+def test_cholesky_root_of_a_singular_moment_is_ridged():
+    from mha2mla.ops.factorize import cholesky_root
+
+    sigma = torch.zeros(6, 6, dtype=torch.float64)
+    sigma[:3, :3] = torch.eye(3, dtype=torch.float64)  # rank 3: the relative ridge keeps it factorisable
+    root = cholesky_root(sigma)
+    assert torch.isfinite(root).all() and (root.diagonal() > 0).all()
