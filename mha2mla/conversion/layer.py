@@ -106,7 +106,8 @@ def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm
         weights: the source attention weights in the compute dtype (:func:`read_layer`).
         input_norm: the layer's input RMSNorm weight (it bounds the attention input's norm).
         index: the layer's index.
-        calib: its statistics (:func:`measure`); ``None`` converts data-free.
+        calib: its statistics (:func:`measure`); ``None`` converts data-free. Its moments and input sample are
+            released once the latent is fitted (only ``inv_freq`` and ``head_outputs`` are read after it).
         stream: the calibration stream the statistics came from (needed with ``calib``).
         method, policy: the calibrated ingredients, and what they mean for this plan (:meth:`Method.resolve`).
     """
@@ -115,7 +116,8 @@ def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm
     result = LayerResult(tensors, stats)
     if calib is None:
         return result
-    calib.sigma_ctx = calib.sigma_key = None  # (read by the latent only: the largest statistics)
+    # the moments and sample are read by the latent only; the later stages read inv_freq and head_outputs
+    calib.sigma_ctx = calib.sigma_key = calib.sigma = calib.x_sample = None
     release_freed_memory()  # (between stages: see mha2mla.allocator)
     if method.query_fit > 0:
         result.tensors, stats.query_kl_before, stats.query_kl_after = _fit_queries(
