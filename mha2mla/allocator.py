@@ -47,7 +47,7 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-def release_freed_memory(*, above: int = 2**30) -> None:
+def release_freed_memory(*, above: int = 2**28) -> None:
     """Give the heap's free pages back to the system (glibc's ``malloc_trim``) where :func:`keep_freed_memory` is in
     effect and more than ``above`` bytes of the heap are free: called between the stages of a layer (and the batches
     of its statistics), so that memory one stage freed in pieces the next cannot reuse does not add to the next one's

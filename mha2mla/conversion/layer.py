@@ -90,7 +90,7 @@ def measure(stream: Propagation, i: int, method: Method) -> LayerCalibration:
     calib = stream.layer_calibration(i, value_contexts=method.value_refit,
                                      context_sequences=method.context_sequences or None,
                                      context_stride=method.context_stride, head_outputs=method.output_fit)
-    stream.park_mlp(i)
+    stream.park(i)
     release_freed_memory()
     return calib
 

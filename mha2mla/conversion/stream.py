@@ -285,17 +285,20 @@ class Propagation:
         self.inv_freq = rotary.inv_freq.double().cpu().clone()
         self._layer = None
 
-    def _load(self, i: int, *, mlp: bool = True):
+    def _load(self, i: int, *, full: bool = True):
+        """Layer ``i``'s decoder layer; with ``full``, its attention and MLP weights read again if :meth:`park` freed
+        them (the same values)."""
         if self._layer is None or self._layer[0] != i:
             layer = _decoder_layer(self.source, self.config, i, torch.float32).to(self.device)
             self._layer = (i, layer)
             self._set_mlp(layer)
-        elif mlp and self._mlp_copy is None:  # parked (park_mlp): read the MLP weights again, the same values
+        elif full and self._mlp_copy is None:  # parked
             layer = self._layer[1]
-            prefix = f"model.layers.{i}.mlp."
-            state = {n: self.source.get(prefix + n).to(torch.float32) for n, _ in layer.mlp.named_parameters()}
-            layer.mlp.load_state_dict(state, assign=True)
-            layer.mlp.to(self.device)
+            for part in (layer.self_attn, layer.mlp):
+                prefix = f"model.layers.{i}.{'self_attn' if part is layer.self_attn else 'mlp'}."
+                state = {n: self.source.get(prefix + n).to(torch.float32) for n, _ in part.named_parameters()}
+                part.load_state_dict(state, assign=True)
+                part.to(self.device)
             self._set_mlp(layer)
         return self._layer[1]
 
@@ -304,17 +307,18 @@ class Propagation:
         low = self.mlp_dtype != torch.float32
         self._mlp_copy = copy.deepcopy(layer.mlp).to(self.mlp_dtype) if low else layer.mlp
 
-    def park_mlp(self, i: int) -> None:
-        """Free layer ``i``'s MLP weights until :meth:`advance` needs them (they are read again then): the stages
-        between the statistics and the move past the layer read only its attention input."""
+    def park(self, i: int) -> None:
+        """Free layer ``i``'s attention and MLP weights until :meth:`advance` needs them (they are read again then):
+        the stages between the statistics and the move past the layer read only its input norm."""
         if self._layer is not None and self._layer[0] == i and self._mlp_copy is not None:
+            self._layer[1].self_attn.to("meta")
             self._layer[1].mlp.to("meta")
             self._mlp_copy = None
 
     @torch.no_grad()
     def inputs(self, i: int):
         """Yields batches ``[b, L, hidden]`` of layer ``i``'s attention input."""
-        layer = self._load(i, mlp=False)
+        layer = self._load(i, full=False)
         for s in range(0, self.h.shape[0], self.batch):
             yield layer.input_layernorm(self.h[s : s + self.batch])
 
@@ -333,7 +337,7 @@ class Propagation:
         """Yields ``(x_src, h_src − h)`` per batch: layer ``i``'s attention input in the *source* model, and how far the
         converted model's residual stream has drifted from the source's (needs ``track_source``), for the batches of
         :meth:`inputs` whose source stream is tracked (the first ones, see ``source_sequences``)."""
-        layer = self._load(i, mlp=False)
+        layer = self._load(i, full=False)
         for s in range(0, self.h_src.shape[0], self.batch):
             hs = self.h_src[s : s + self.batch]
             yield layer.input_layernorm(hs), hs - self.h[s : s + self.batch]
@@ -345,7 +349,7 @@ class Propagation:
         """Layer ``i``'s :class:`LayerCalibration` on the current hidden states (``sigma_ctx`` only with
         ``value_contexts``, on the first ``context_sequences`` sequences, all when None, and on every
         ``context_stride``-th query position of each: it is the costly part; ``head_outputs`` keeps the source heads' outputs, ``N·L·hidden`` floats)."""
-        src, layer = self.source, self._load(i, mlp=False)
+        src, layer = self.source, self._load(i)
         hd, nh, nkv, hidden = src.head_dim, src.n_heads, src.n_kv, src.hidden
         n, l = self.h.shape[:2]
         dev = self.device
