@@ -3,7 +3,7 @@
 Subpackages: :mod:`mha2mla.ops` (pure math), :mod:`mha2mla.conversion` (the conversion), :mod:`mha2mla.checkpoint`
 (files), :mod:`mha2mla.serve`, :mod:`mha2mla.heal`, :mod:`mha2mla.eval`, :mod:`mha2mla.cli`, :mod:`mha2mla.demo`;
 shared helpers: :mod:`mha2mla.errors`, :mod:`mha2mla.progress`, :mod:`mha2mla.data`, :mod:`mha2mla.loading`,
-:mod:`mha2mla.allocator`.
+:mod:`mha2mla.allocator`, :mod:`mha2mla.lazy`.
 
 >>> import mha2mla
 >>> mha2mla.convert(source="HuggingFaceTB/SmolLM2-135M", output="smollm2-mla", rank=96, rope_dim=32)  # doctest: +SKIP
