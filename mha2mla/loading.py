@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from mha2mla.errors import Mha2mlaError
 
-__all__ = ["quiet_loading", "load_tokenizer"]
+__all__ = ["quiet_loading", "load_tokenizer", "check_device"]
 
 
 @contextlib.contextmanager
@@ -67,3 +67,23 @@ def load_tokenizer(path: str, *, what: str = "model", gguf_file: str | None = No
         raise Mha2mlaError(f"{what} {path!r}: the tokenizer has {len(tok)} tokens but the model only {vocab_size} "
                            "embeddings; the tokenizer does not belong to this model")
     return tok
+
+
+def check_device(device: str, *, kinds: tuple[str, ...] = ("cpu", "cuda")) -> "torch.device":
+    """``device`` as a torch device that this machine has, of one of ``kinds``; else a one-line error."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise Mha2mlaError(f"--device {device!r} is not a torch device; use {', '.join(kinds)} or cuda:N") from None
+    if dev.type not in kinds:
+        raise Mha2mlaError(f"--device {device!r}: only {' and '.join(kinds)} are supported here")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Mha2mlaError(f"--device {device!r}: torch sees no CUDA device here (torch {torch.__version__}); "
+                           "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise Mha2mlaError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise Mha2mlaError(f"--device {device!r}: MPS is not available here; use --device cpu")
+    return dev

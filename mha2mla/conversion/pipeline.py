@@ -25,6 +25,7 @@ from mha2mla.conversion.record import write_model_card, write_record
 from mha2mla.conversion.schedule import Schedule, choose_schedule, first_plan
 from mha2mla.conversion.stream import CalibrationSet, Propagation, calibration_set
 from mha2mla.errors import Mha2mlaError
+from mha2mla.loading import check_device
 from mha2mla.ops.shapes import ConversionPlan
 from mha2mla.progress import Steps
 
@@ -145,7 +146,7 @@ def _check_options(rank, rope_dim, kv_budget, calibration, device, max_shard_siz
                            "or give --rank and --rope-dim")
     if kv_budget is not None and rope_dim is not None:
         raise Mha2mlaError("--kv-budget chooses --rope-dim itself; drop --rope-dim (or use --rank)")
-    dev = _check_device(device) if calibration is not None else torch.device("cpu")
+    dev = check_device(device) if calibration is not None else torch.device("cpu")
     return dev, shard_bytes(max_shard_size)
 
 
@@ -154,20 +155,6 @@ def _protected(src: SourceModel, calibration) -> tuple[tuple[str, str | None], .
     gguf_file = os.path.join(*src.gguf) if src.gguf else None
     calib_file = calibration if isinstance(calibration, str) and os.path.exists(calibration) else None
     return ("source", src.path), ("source", gguf_file), ("calibration data", calib_file)
-
-
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise Mha2mlaError(f"--device {device!r} is not a torch device (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise Mha2mlaError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__}); use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise Mha2mlaError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if dev.type not in ("cpu", "cuda"):
-        raise Mha2mlaError(f"--device {device}: only cpu and cuda are supported")
-    return dev
 
 
 def _describe(calibration) -> str | None:

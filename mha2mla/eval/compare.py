@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from importlib import metadata
 
 from mha2mla.data import load_texts
-from mha2mla.loading import load_tokenizer, quiet_loading
+from mha2mla.loading import check_device, load_tokenizer, quiet_loading
 from mha2mla.errors import Mha2mlaError
 from mha2mla.eval.report import make_row, plot_recovery, render_markdown
 from mha2mla.eval.tasks import dir_stamp, finite, first_line, resolve_tasks, run_lm_eval, sha, task_entry, task_stamp
@@ -313,16 +313,7 @@ def evaluate(
         raise Mha2mlaError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
     if dtype not in DTYPES:
         raise Mha2mlaError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise Mha2mlaError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise Mha2mlaError(f"device {device!r}: torch sees no CUDA device here (torch {torch.__version__}); use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise Mha2mlaError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise Mha2mlaError(f"device {device!r}: MPS is not available here; use --device cpu")
+    check_device(device, kinds=("cpu", "cuda", "mps"))
     if long_context and (long_context_max < 1024 or long_context_windows < 1 or passkey_trials < 1):
         raise Mha2mlaError(f"long context needs a window of at least 1024 tokens, 1+ windows and 1+ passkey trials, "
                            f"got {long_context_max=} {long_context_windows=} {passkey_trials=}")
