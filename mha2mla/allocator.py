@@ -18,6 +18,7 @@ __all__ = ["keep_freed_memory", "release_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _applied: bool | None = None
+_libc = None  # glibc, once keep_freed_memory has loaded it
 
 
 def keep_freed_memory() -> bool:
@@ -30,7 +31,7 @@ def keep_freed_memory() -> bool:
     Returns:
         whether the settings are in effect.
     """
-    global _applied
+    global _applied, _libc
     if _applied is not None:
         return _applied
     _applied = False
@@ -44,6 +45,10 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # every block from the heap (mmap disabled), and the heap is never trimmed back
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    if _applied:
+        _libc = libc
+        if hasattr(libc, "mallinfo2"):
+            libc.mallinfo2.restype = _MallInfo2
     return _applied
 
 
@@ -54,15 +59,10 @@ def release_freed_memory(*, above: int = 2**28) -> None:
     peak. Small models never free that much, and keep reusing their pages. A no-op elsewhere."""
     if not _applied:
         return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if hasattr(libc, "mallinfo2"):
-            libc.mallinfo2.restype = _MallInfo2
-            if libc.mallinfo2().fordblks <= above:
-                return
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if hasattr(_libc, "mallinfo2") and _libc.mallinfo2().fordblks <= above:
+        return
+    if hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
 
 
 class _MallInfo2(ctypes.Structure):

@@ -86,7 +86,8 @@ def read_layer(src: SourceModel, i: int, dtype: torch.dtype, *,
 
 
 def measure(stream: Propagation, i: int, method: Method) -> LayerCalibration:
-    """Layer ``i``'s calibration statistics on the stream's current hidden states, as far as ``method`` reads them."""
+    """Layer ``i``'s calibration statistics on the stream's current hidden states, as far as ``method`` reads them.
+    The stream then parks the layer's weights (:meth:`Propagation.park`) until :func:`advance` needs them."""
     calib = stream.layer_calibration(i, value_contexts=method.value_refit,
                                      context_sequences=method.context_sequences or None,
                                      context_stride=method.context_stride, head_outputs=method.output_fit)
@@ -131,7 +132,7 @@ def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm
 
 
 def advance(*, stream: Propagation, index: int, layer: LayerResult, rest: dict[str, torch.Tensor], plan: ConversionPlan,
-            method: Method, policy: Policy, inv_freq: torch.Tensor) -> None:
+            method: Method, policy: Policy) -> None:
     """Move the calibration stream past layer ``index`` (through the converted attention when ``method.sequential``).
     Where the MLP is refit against the drift, its new down-projection goes into ``rest["mlp.down_proj.weight"]`` and
     the layer's stats record how far it moved from the source's."""
@@ -139,7 +140,8 @@ def advance(*, stream: Propagation, index: int, layer: LayerResult, rest: dict[s
     if not method.sequential:
         stream.advance(index, last=last)
         return
-    attention = layer.outputs or _converted_attention(plan, layer.tensors, inv_freq, stream.h.shape[1], stream.device)
+    attention = layer.outputs or _converted_attention(plan, layer.tensors, stream.inv_freq, stream.h.shape[1],
+                                                      stream.device)
     down = stream.advance(index, attention, source_outputs=layer.source_outputs, mlp_drift=policy.mlp_drift, last=last)
     layer.outputs = layer.source_outputs = None
     release_freed_memory()
@@ -147,7 +149,7 @@ def advance(*, stream: Propagation, index: int, layer: LayerResult, rest: dict[s
         name = "mlp.down_proj.weight"
         w0 = rest[name] if name in rest else stream.source.get(f"model.layers.{index}.{name}")
         layer.stats.mlp_rel_change = float((down - w0.double()).norm() / w0.double().norm().clamp_min(1e-30))
-        rest["mlp.down_proj.weight"] = down.to(compute_dtype(plan.hidden))
+        rest[name] = down.to(compute_dtype(plan.hidden))
 
 
 def _on_device(prop: Propagation, attn: AttentionWeights,

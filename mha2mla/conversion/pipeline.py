@@ -122,10 +122,9 @@ def convert(
             stats_i = None if stream is None else measure(stream, i, method)
             layer = convert_layer(plan=plan, weights=weights, input_norm=rest["input_layernorm.weight"], index=i,
                                   calib=stats_i, stream=stream, method=method, policy=policy)
-            if stream is not None:
-                advance(stream=stream, index=i, layer=layer, rest=rest, plan=plan, method=method, policy=policy,
-                        inv_freq=stats_i.inv_freq)
             del stats_i  # (the statistics are the largest per-layer buffers: freed before the next layer's)
+            if stream is not None:
+                advance(stream=stream, index=i, layer=layer, rest=rest, plan=plan, method=method, policy=policy)
             _write_layer(writer, src, i, layer.tensors, rest, plan)
             layer.stats.seconds = time.time() - t_layer
             stats.append(layer.stats)

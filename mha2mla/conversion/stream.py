@@ -149,10 +149,14 @@ def _decoder_layer(source: SourceModel, config, i: int, dtype: torch.dtype):
     cls = getattr(mod, _hf_class(mt, "DecoderLayer"))
     with torch.device("meta"):
         layer = cls(config, layer_idx=i)
-    prefix = f"model.layers.{i}."
-    state = {n: source.get(prefix + n).to(dtype) for n, _ in layer.named_parameters()}
-    layer.load_state_dict(state, assign=True)
+    _read_weights(layer, source, f"model.layers.{i}.", dtype)
     return layer.eval()
+
+
+def _read_weights(module: torch.nn.Module, source: SourceModel, prefix: str, dtype: torch.dtype) -> None:
+    """Give ``module`` its parameters from the source's tensors ``prefix + name``, in ``dtype``."""
+    state = {n: source.get(prefix + n).to(dtype) for n, _ in module.named_parameters()}
+    module.load_state_dict(state, assign=True)
 
 
 def _rotary(source: SourceModel, config):
@@ -294,11 +298,9 @@ class Propagation:
             self._set_mlp(layer)
         elif full and self._mlp_copy is None:  # parked
             layer = self._layer[1]
-            for part in (layer.self_attn, layer.mlp):
-                prefix = f"model.layers.{i}.{'self_attn' if part is layer.self_attn else 'mlp'}."
-                state = {n: self.source.get(prefix + n).to(torch.float32) for n, _ in part.named_parameters()}
-                part.load_state_dict(state, assign=True)
-                part.to(self.device)
+            for name in ("self_attn", "mlp"):
+                _read_weights(getattr(layer, name), self.source, f"model.layers.{i}.{name}.", torch.float32)
+                getattr(layer, name).to(self.device)
             self._set_mlp(layer)
         return self._layer[1]
 
