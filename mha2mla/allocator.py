@@ -14,9 +14,11 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["keep_freed_memory", "release_freed_memory"]
+__all__ = ["keep_freed_memory", "release_freed_memory", "bound_heap", "HEAP_MMAP_THRESHOLD"]
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+# Healing serves host blocks of this many bytes and more with their own pages (bound_heap).
+HEAP_MMAP_THRESHOLD = 4 * 2**20
 _applied: bool | None = None
 _libc = None  # glibc, once keep_freed_memory has loaded it
 
@@ -35,14 +37,10 @@ def keep_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt = libc.mallopt
     # every block from the heap (mmap disabled), and the heap is never trimmed back
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     if _applied:
@@ -50,6 +48,21 @@ def keep_freed_memory() -> bool:
         if hasattr(libc, "mallinfo2"):
             libc.mallinfo2.restype = _MallInfo2
     return _applied
+
+
+def bound_heap(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+    """Have glibc serve host blocks of ``threshold`` bytes and more with their own pages, returned when freed.
+
+    glibc raises its mmap threshold to the size of any large block that is freed; after that, blocks of tens of MB
+    (layer activations, loss chunks: allocated and freed every micro-batch) come from the heap, where they fragment
+    and keep the resident memory far above what is live. A fixed threshold stops that (healing calls it). Does
+    nothing outside Linux/glibc, or once :func:`keep_freed_memory` (calibration) has taken mmap away.
+
+    Returns:
+        whether the setting is in effect.
+    """
+    libc = None if _applied else _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))  # (also ends the dynamic threshold)
 
 
 def release_freed_memory(*, above: int = 2**28) -> None:
@@ -63,6 +76,19 @@ def release_freed_memory(*, above: int = 2**28) -> None:
         return
     if hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)
+
+
+def _glibc():
+    """glibc with ``mallopt`` typed, or None outside Linux/glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return libc
 
 
 class _MallInfo2(ctypes.Structure):

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from mha2mla.allocator import HEAP_MMAP_THRESHOLD, bound_heap
 from mha2mla.data import token_blocks
 from mha2mla.loading import load_tokenizer, quiet_loading
 from mha2mla.errors import Mha2mlaError
@@ -90,36 +91,6 @@ def _load_lm(path: str, what: str, dtype: torch.dtype, attn: str = "auto"):
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise Mha2mlaError(f"{what} {path!r}: cannot load it as a causal LM ({first[:200]})") from None
-
-
-_HEAP_MMAP_THRESHOLD = 4 * 2**20
-
-
-def _bound_heap(threshold: int = _HEAP_MMAP_THRESHOLD) -> bool:
-    """Have glibc serve host blocks of ``threshold`` bytes and more with their own pages, returned when freed.
-
-    glibc raises its mmap threshold to the size of any large block that is freed; after that, blocks of tens of MB
-    (layer activations, loss chunks: allocated and freed every micro-batch) come from the heap, where they fragment
-    and keep the resident memory far above what is live. A fixed threshold stops that. Does nothing outside
-    Linux/glibc, or once :func:`mha2mla.allocator.keep_freed_memory` (calibration) has taken mmap away.
-
-    Returns:
-        whether the setting is in effect.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    from mha2mla import allocator
-
-    if not sys.platform.startswith("linux") or allocator._applied:
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(-3, threshold))  # M_MMAP_THRESHOLD (also turns glibc's dynamic threshold off)
 
 
 def _use_sdpa(model, path: str, what: str, *, required: bool) -> None:
@@ -325,7 +296,7 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
     if state:
         _check_resumable(state, rc, model_dir, procs, ckpt)
     set_seed(rc.seed)
-    bounded_heap = acc.device.type == "cpu" and _bound_heap()  # before the models and data are allocated
+    bounded_heap = acc.device.type == "cpu" and bound_heap(HEAP_MMAP_THRESHOLD)  # before the models and data are allocated
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise Mha2mlaError(f"model {model_dir!r} is not a model directory (no config.json)")
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
@@ -354,7 +325,7 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
         _check_teacher(teacher_net, rc.teacher, net, tokenizer)
     net.to(acc.device)
     plan = _memory_plan(rc, net)
-    plan["heap_mmap_threshold"] = _HEAP_MMAP_THRESHOLD if bounded_heap else None
+    plan["heap_mmap_threshold"] = HEAP_MMAP_THRESHOLD if bounded_heap else None
     # The fused head needs the head's weight outside the model's forward: not under FSDP, which shards it.
     fuse_head = acc.distributed_type.value != "FSDP"
     plan["fused_head"] = fuse_head
