@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import mha2mla.conversion.layer as layer  # noqa: E402
 import mha2mla.conversion.schedule as schedule  # noqa: E402
 import mha2mla.conversion.stream as calibration  # noqa: E402
-from mha2mla import Method  # noqa: E402
+from mha2mla import Method, convert  # noqa: E402
 
 PHASES = [  # (module, attribute, label): the functions each phase runs in, patched with a timer
     (calibration, "calibration_tokens", "tokenising"),
@@ -94,7 +94,7 @@ def main() -> None:
         setattr(owner, name, _timed(totals, label, getattr(owner, name), active))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = conversion.convert(
+        res = convert(
             source=os.path.join(args.assets, "models", "smollm2-135m"), output=os.path.join(tmp, "mla"), rank=rank,
             rope_dim=rope, calibration=os.path.join(args.assets, "text", "enwiki.train.txt"),
             calibration_samples=args.calibration_samples, calibration_length=args.calibration_length,

@@ -90,7 +90,10 @@ def convert_case(name: str, out: str) -> str:
         text = os.path.join(out, "corpus.txt")
         with open(text, "w") as f:
             f.write((ct.CORPUS + "\n") * 40)
-        kw.update(method=Method(mlp_dtype="float32"), calibration=text, calibration_samples=8, calibration_length=48)
+        # the method as of the redesign: the long-context query fit (query_fit_context) came after it
+        pinned = {"query_fit_context": 0} if "query_fit_context" in Method.__dataclass_fields__ else {}
+        kw.update(method=Method(mlp_dtype="float32", **pinned), calibration=text, calibration_samples=8,
+                  calibration_length=48)
     src = ct.build_source(os.path.join(out, "src-" + name), arch=arch, n_heads=n_heads, n_kv=n_kv, layers=3, seed=7)
     dst = os.path.join(out, name)
     mha2mla.convert(source=src, output=dst, force=True, progress=False, **kw)

@@ -16,16 +16,17 @@ from mha2mla.allocator import release_freed_memory
 from mha2mla.checkpoint.source import SourceModel
 from mha2mla.conversion.latent import AttentionWeights, LayerStats, convert_attention
 from mha2mla.conversion.options import Method, Policy
-from mha2mla.conversion.stream import LayerCalibration, Propagation
+from mha2mla.conversion.stream import CalibrationSet, LayerCalibration, Propagation, calibration_tokens
 from mha2mla.errors import Mha2mlaError
 from mha2mla.ops.attention import (mla_attention, mla_head_contexts, mla_output_from_contexts, relative_output_error,
                                    source_attention, source_output_from_heads, value_up_projection)
-from mha2mla.ops.query_fit import fit_queries, query_weight_name, source_log_probs
+from mha2mla.ops.query_fit import fit_queries, query_weight_name, source_log_probs, spread_rows
 from mha2mla.ops.rope import kept_frequencies
 from mha2mla.ops.shapes import ConversionPlan
 from mha2mla.ops.value_fit import HeadwiseValueFit, ValuePathFit, value_path_prior, with_head_values, with_value_path
 
-__all__ = ["LayerResult", "REST_NAMES", "compute_dtype", "read_layer", "measure", "convert_layer", "advance"]
+__all__ = ["LayerResult", "REST_NAMES", "compute_dtype", "read_layer", "long_stream", "measure", "convert_layer",
+           "advance"]
 
 # Up to this hidden size the layer math runs in float64 (cheap, and exact to rounding); above it in float32.
 FLOAT64_MAX_HIDDEN = 2048
@@ -85,6 +86,26 @@ def read_layer(src: SourceModel, i: int, dtype: torch.dtype, *,
     return attn, {n: src.get(p + n) for n in REST_NAMES if mlp or not n.startswith("mlp.")}
 
 
+def long_stream(*, source: SourceModel, calib: CalibrationSet, method: Method, policy: Policy,
+                device: torch.device) -> tuple[Propagation | None, dict]:
+    """The query fit's long sequence: one sequence of ``method.query_fit_context`` tokens (at most the source's
+    ``max_position_embeddings``), carried through the converted layers like the calibration stream, so that each
+    layer's queries are also fitted to the source's attention at long distances. ``None`` when the query fit is off,
+    the length is not above the calibration length, or the text is too short; the dict says which, for the record."""
+    length = method.query_fit_context
+    if calib.max_positions is not None:
+        length = min(length, calib.max_positions)
+    if method.query_fit <= 0 or length <= calib.length:
+        return None, {}
+    try:
+        tokens = calibration_tokens(source=source, data=calib.data, samples=1, length=length, seed=1)
+    except Mha2mlaError:
+        return None, {"query_fit_context": f"not used: the calibration text has fewer than {length} tokens"}
+    stream = Propagation(source=source, tokens=tokens, batch=1, device=device, mlp_dtype=policy.mlp_dtype)
+    return stream, {"query_fit_context": length, "query_fit_rows": len(spread_rows(length=length,
+                                                                                    count=method.query_fit_rows))}
+
+
 def measure(stream: Propagation, i: int, method: Method) -> LayerCalibration:
     """Layer ``i``'s calibration statistics on the stream's current hidden states, as far as ``method`` reads them.
     The stream then parks the layer's weights (:meth:`Propagation.park`) until :func:`advance` needs them."""
@@ -98,7 +119,8 @@ def measure(stream: Propagation, i: int, method: Method) -> LayerCalibration:
 
 def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm: torch.Tensor, index: int,
                   calib: LayerCalibration | None = None, stream: Propagation | None = None,
-                  method: Method = Method(), policy: Policy | None = None) -> LayerResult:
+                  method: Method = Method(), policy: Policy | None = None,
+                  long: Propagation | None = None) -> LayerResult:
     """Convert layer ``index``'s attention: the latent and rope key (:func:`convert_attention`), then, calibrated, the
     query fit and the output fit on the stream's inputs.
 
@@ -111,6 +133,7 @@ def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm
             released once the latent is fitted (only ``inv_freq`` and ``head_outputs`` are read after it).
         stream: the calibration stream the statistics came from (needed with ``calib``).
         method, policy: the calibrated ingredients, and what they mean for this plan (:meth:`Method.resolve`).
+        long: the query fit's long sequence (:func:`long_stream`), when there is one.
     """
     bound = math.sqrt(plan.hidden) * float(input_norm.to(weights.q.dtype).abs().max())
     tensors, stats = convert_attention(plan=plan, weights=weights, input_norm_bound=bound, calib=calib, method=method)
@@ -122,7 +145,7 @@ def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm
     release_freed_memory()  # (between stages: see mha2mla.allocator)
     if method.query_fit > 0:
         result.tensors, stats.query_kl_before, stats.query_kl_after = _fit_queries(
-            stream, index, plan, weights, result.tensors, calib, method)
+            stream, index, plan, weights, result.tensors, calib, method, long)
         release_freed_memory()
     if method.output_fit:
         result.tensors, stats.output_fit_rel_error, result.outputs, result.source_outputs = _fit_output(
@@ -132,18 +155,24 @@ def convert_layer(*, plan: ConversionPlan, weights: AttentionWeights, input_norm
 
 
 def advance(*, stream: Propagation, index: int, layer: LayerResult, rest: dict[str, torch.Tensor], plan: ConversionPlan,
-            method: Method, policy: Policy) -> None:
-    """Move the calibration stream past layer ``index`` (through the converted attention when ``method.sequential``).
-    Where the MLP is refit against the drift, its new down-projection goes into ``rest["mlp.down_proj.weight"]`` and
-    the layer's stats record how far it moved from the source's."""
+            method: Method, policy: Policy, long: Propagation | None = None) -> None:
+    """Move the calibration stream (and the query fit's ``long`` one) past layer ``index`` (through the converted
+    attention when ``method.sequential``). Where the MLP is refit against the drift, its new down-projection goes into
+    ``rest["mlp.down_proj.weight"]`` and the layer's stats record how far it moved from the source's."""
     last = index == plan.n_layers - 1  # (nothing reads the hidden states past it: advance only refits)
     if not method.sequential:
         stream.advance(index, last=last)
+        if long is not None:
+            long.advance(index, last=last)
         return
+
     attention = layer.outputs or _converted_attention(plan, layer.tensors, stream.inv_freq, stream.h.shape[1],
                                                       stream.device)
     down = stream.advance(index, attention, source_outputs=layer.source_outputs, mlp_drift=policy.mlp_drift, last=last)
     layer.outputs = layer.source_outputs = None
+    if long is not None and not last:  # through the same converted layer, the refit MLP included
+        long.advance(index, _converted_attention(plan, layer.tensors, long.inv_freq, long.h.shape[1], long.device),
+                     mlp_down=down)
     release_freed_memory()
     if down is not None:
         name = "mlp.down_proj.weight"
@@ -152,12 +181,13 @@ def advance(*, stream: Propagation, index: int, layer: LayerResult, rest: dict[s
         rest[name] = down.to(compute_dtype(plan.hidden))
 
 
-def _on_device(prop: Propagation, attn: AttentionWeights,
-               calib: LayerCalibration) -> tuple[AttentionWeights, torch.Tensor]:
-    """The source layer's attention weights in float32 on the calibration device, and its angles ``pos·ω [L, hd/2]``."""
+def _on_device(prop: Propagation, attn: AttentionWeights, calib: LayerCalibration,
+               length: int | None = None) -> tuple[AttentionWeights, torch.Tensor]:
+    """The source layer's attention weights in float32 on the calibration device, and its angles ``pos·ω [L, hd/2]``
+    (``L``: ``length``, default the stream's sequence length)."""
     dev = prop.device
     w32 = AttentionWeights(**{k: None if v is None else v.to(dev, torch.float32) for k, v in vars(attn).items()})
-    pos = torch.arange(prop.h.shape[1], dtype=torch.float32, device=dev)[:, None]
+    pos = torch.arange(length or prop.h.shape[1], dtype=torch.float32, device=dev)[:, None]
     return w32, pos * calib.inv_freq.to(dev, torch.float32)
 
 
@@ -235,22 +265,31 @@ def _fit_output(prop: Propagation, i: int, plan: ConversionPlan, attn: Attention
 
 
 def _fit_queries(prop: Propagation, i: int, plan: ConversionPlan, attn: AttentionWeights, tensors: dict,
-                 calib: LayerCalibration, method: Method) -> tuple[dict, float, float]:
+                 calib: LayerCalibration, method: Method, long: Propagation | None) -> tuple[dict, float, float]:
     """Refit layer ``i``'s query weight to the source attention distributions on the first
-    ``method.query_fit_sequences`` calibration sequences (:func:`mha2mla.ops.query_fit.fit_queries`)."""
-    w32, src_angles = _on_device(prop, attn, calib)
-    xs, targets, rows = [], [], 0
+    ``method.query_fit_sequences`` calibration sequences and, with ``long``, on ``method.query_fit_rows`` query
+    positions of the long sequence (:func:`mha2mla.ops.query_fit.fit_queries`)."""
+    length = prop.h.shape[1] if long is None else max(prop.h.shape[1], long.h.shape[1])
+    w32, src_angles = _on_device(prop, attn, calib, length)
+    shape = dict(n_heads=plan.n_heads, n_kv=plan.n_kv, head_dim=plan.head_dim)
+    xs, targets, rows, seen = [], [], [], 0
     for x in prop.inputs(i):
-        x = x[: method.query_fit_sequences - rows]
+        x = x[: method.query_fit_sequences - seen]
         xs.append(x)
-        targets.append(source_log_probs(weights=w32, x=x, angles=src_angles, n_heads=plan.n_heads, n_kv=plan.n_kv,
-                                        head_dim=plan.head_dim))
-        rows += x.shape[0]
-        if rows >= method.query_fit_sequences:
+        targets.append(source_log_probs(weights=w32, x=x, angles=src_angles, **shape))
+        rows.append(None)
+        seen += x.shape[0]
+        if seen >= method.query_fit_sequences:
             break
+    if long is not None:
+        x = next(long.inputs(i))
+        sel = spread_rows(length=x.shape[1], count=method.query_fit_rows).to(x.device)
+        xs.append(x)
+        targets.append(source_log_probs(weights=w32, x=x, angles=src_angles, rows=sel, **shape))
+        rows.append(sel)
     f32 = {k: v.to(prop.device, torch.float32) for k, v in tensors.items()}
     fitted, info = fit_queries(tensors=f32, plan=plan, inputs=xs, targets=targets, angles=_mla_angles(plan, src_angles),
-                               iterations=method.query_fit)
+                               iterations=method.query_fit, rows=rows)
     name = query_weight_name(tensors)
     out = dict(tensors)
     out[name] = fitted[name].to("cpu", tensors[name].dtype)

@@ -38,6 +38,8 @@ class Method:
     # Query fit (mha2mla.ops.query_fit)
     query_fit: int = 10  # L-BFGS iterations matching each head's attention distribution to the source's (0: off)
     query_fit_sequences: int = 2  # calibration sequences the query fit runs on
+    query_fit_context: int = 8192  # …and one sequence this long (at most the source's context; 0 or ≤ the calibration length: not)
+    query_fit_rows: int = 256  # query positions of that long sequence the fit reads, spread evenly
     # Output fit (mha2mla.ops.value_fit)
     output_fit: bool = True  # refit the value path so the layer's output matches the source layer's
     output_fit_stride: int = 0  # its moments read every k-th query position (0: chosen from the fit's size)
@@ -96,7 +98,9 @@ class Method:
                              f"got {self.output_fit_stride}")
         if not self.drift_below_share >= 0:
             raise ValueError(f"Method.drift_below_share must be ≥ 0 (inf: always), got {self.drift_below_share}")
-        for name in ("context_sequences", "source_sequences", "rope_context"):
+        if self.query_fit_rows < 1:
+            raise ValueError(f"Method.query_fit_rows must be ≥ 1, got {self.query_fit_rows}")
+        for name in ("context_sequences", "source_sequences", "rope_context", "query_fit_context"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Method.{name} must be ≥ 0 (0: all sequences), got {getattr(self, name)}")
 

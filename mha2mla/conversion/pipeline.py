@@ -19,7 +19,7 @@ from mha2mla.checkpoint.source import SourceModel, copy_tokenizer_files, load_so
 from mha2mla.checkpoint.target_config import deepseek_v3_config
 from mha2mla.checkpoint.writer import ShardWriter, atomic_output_dir, check_output_path, shard_bytes
 from mha2mla.conversion.latent import LayerStats
-from mha2mla.conversion.layer import REST_NAMES, advance, compute_dtype, convert_layer, measure, read_layer
+from mha2mla.conversion.layer import REST_NAMES, advance, compute_dtype, convert_layer, long_stream, measure, read_layer
 from mha2mla.conversion.options import Method, Policy
 from mha2mla.conversion.record import write_model_card, write_record
 from mha2mla.conversion.schedule import Schedule, choose_schedule, first_plan
@@ -101,7 +101,7 @@ def convert(
     protect = _protected(src, calibration)
     check_output_path(output, force=force, protect=protect)  # up front: refuse before any expensive work
     plan = first_plan(source=src, rank=rank, rope_dim=rope_dim, kv_budget=kv_budget, rope_stride=rope_stride, dtype=dtype)
-    method, schedule, calib, stream, policy = method or Method(), Schedule(plan), None, None, None
+    method, schedule, calib, stream, policy, long = method or Method(), Schedule(plan), None, None, None, None
     if calibration is not None:
         keep_freed_memory()  # the calibration loops reuse large activations (mha2mla.allocator; process-wide)
         calib = calibration_set(source=src, data=calibration, samples=calibration_samples, length=calibration_length)
@@ -110,6 +110,8 @@ def convert(
         policy = method.resolve(plan=schedule.plan, device=dev)
         stream = Propagation(source=src, tokens=calib.tokens, device=dev, track_source=policy.tracks_source,
                              source_sequences=method.source_sequences or None, mlp_dtype=policy.mlp_dtype)
+        long, long_info = long_stream(source=src, calib=calib, method=method, policy=policy, device=dev)
+        schedule.info.update(long_info)
     plan, stats = schedule.plan, []
     with atomic_output_dir(os.fspath(output), force=force, protect=protect) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes=shard_size)
@@ -121,15 +123,16 @@ def convert(
             weights, rest = read_layer(src, i, compute_dtype(plan.hidden), mlp=False)  # (MLP: read when written)
             stats_i = None if stream is None else measure(stream, i, method)
             layer = convert_layer(plan=plan, weights=weights, input_norm=rest["input_layernorm.weight"], index=i,
-                                  calib=stats_i, stream=stream, method=method, policy=policy)
+                                  calib=stats_i, stream=stream, method=method, policy=policy, long=long)
             del stats_i  # (the statistics are the largest per-layer buffers: freed before the next layer's)
             if stream is not None:
-                advance(stream=stream, index=i, layer=layer, rest=rest, plan=plan, method=method, policy=policy)
+                advance(stream=stream, index=i, layer=layer, rest=rest, plan=plan, method=method, policy=policy,
+                        long=long)
             _write_layer(writer, src, i, layer.tensors, rest, plan)
             layer.stats.seconds = time.time() - t_layer
             stats.append(layer.stats)
             bar.set_postfix(k_err=f"{layer.stats.k_rel_error:.3f}", v_err=f"{layer.stats.v_rel_error:.3f}")
-        del stream
+        del stream, long
         calib_record = None if calib is None else _calibration_record(calib, schedule, policy, method, time.time() - t0)
         record = _finish(tmp, writer, src, plan, stats, report, calibration=calib_record, options={
             "kv_budget": kv_budget, "calibration": _describe(calibration), "max_shard_size": str(max_shard_size)})

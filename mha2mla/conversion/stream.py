@@ -396,7 +396,7 @@ class Propagation:
 
     @torch.no_grad()
     def advance(self, i: int, attention=None, source_outputs: list[torch.Tensor] | None = None,
-                mlp_drift: float = 0.0, last: bool = False) -> torch.Tensor | None:
+                mlp_drift: float = 0.0, last: bool = False, mlp_down: torch.Tensor | None = None) -> torch.Tensor | None:
         """Move past layer ``i``: through the source layer, or with a converted attention block in place of the source
         attention (source residual scale): a function ``attention(x)`` of the attention input, or a list of its outputs
         per batch of :meth:`inputs` (already computed). When the source's own hidden states are tracked they move
@@ -411,8 +411,13 @@ class Propagation:
 
         ``last``: nothing reads the streams past this layer (the model's last): they are left where they are, and only
         the MLP refit runs (the converted stream past the attention, which it reads; the source's, tracked, is read as
-        it stands after the layer, so the source layer still moves it). Afterwards the hidden states are undefined."""
+        it stands after the layer, so the source layer still moves it). Afterwards the hidden states are undefined.
+
+        ``mlp_down``: a down-projection ``[hidden, intermediate]`` the converted stream's MLP uses instead of the
+        source's (one another stream's refit chose), with a converted attention and no refit here."""
         layer = self._load(i)
+        if mlp_down is not None:
+            self._mlp_copy.down_proj.weight.data = mlp_down.to(self.device, self.mlp_dtype)
         fit_mlp = (mlp_drift > 0 and attention is not None and self.h_src is not None
                    and getattr(layer.mlp.down_proj, "bias", None) is None)  # (no intercept is fitted)
         if last and not fit_mlp:

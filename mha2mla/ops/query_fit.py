@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from mha2mla.ops.moments import block_edges
 from mha2mla.ops.shapes import ConversionPlan
 from mha2mla.ops.attention import (key_up_projection, mla_latent, mla_score_inputs, query_features,
                                rotate_interleaved, absorbs_keys, causal_score_blocks, query_weight_name, source_qkv,
                                weighted_sum)
 
-__all__ = ["causal_logsumexp", "source_log_probs", "fit_queries", "query_weight_name"]
+__all__ = ["causal_logsumexp", "source_log_probs", "spread_rows", "fit_queries", "query_weight_name"]
 
 # Below this mean KL (nats) the converted attention already matches the source (e.g. an exact conversion): no fit.
 NEGLIGIBLE_KL = 1e-6
@@ -32,12 +33,31 @@ def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def source_log_probs(*, weights, x: torch.Tensor, angles: torch.Tensor, n_heads: int, n_kv: int,
-                     head_dim: int) -> torch.Tensor:
-    """Source (Llama/Mistral/Qwen2) attention log-probabilities ``[B, heads, L, L]`` (−inf above the diagonal)."""
-    q, k, _ = source_qkv(weights=weights, x=x, angles=angles, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
+                     head_dim: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Source (Llama/Mistral/Qwen2) attention log-probabilities ``[B, heads, L, L]`` (−inf above the diagonal); with
+    ``rows`` (sorted query positions ``[R]``) only those queries' rows, ``[B, heads, R, L]`` (−inf past each row's
+    position). ``angles`` covers at least the ``L`` positions of ``x``."""
+    l = x.shape[1]
+    q, k, _ = source_qkv(weights=weights, x=x, angles=angles[:l], n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
                          values=False)
+    if rows is not None:
+        q = q[..., rows, :]
     scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
-    return scores.masked_fill(~_causal_mask(x.shape[1], x.device), float("-inf")).log_softmax(-1)
+    return scores.masked_fill(~_visible(rows, l, x.device), float("-inf")).log_softmax(-1)
+
+
+def _visible(rows: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
+    """``[R, L]`` (or ``[L, L]`` for every row): which keys each query row sees (those at or before its position)."""
+    if rows is None:
+        return _causal_mask(length, device)
+    return torch.arange(length, device=device)[None, :] <= rows.to(device)[:, None]
+
+
+def spread_rows(*, length: int, count: int) -> torch.Tensor:
+    """``min(count, length)`` query positions spread evenly over ``0..length−1``, the last one included."""
+    if count < 1 or length < 1:
+        raise ValueError(f"need at least one row and one position, got count {count} and length {length}")
+    return torch.linspace(length - 1, 0, min(count, length)).round().long().flip(0).unique()
 
 
 # Query rows per block of the fused causal log-sum-exp: block j only reads the keys up to its last row (5/8 of the
@@ -74,24 +94,67 @@ def causal_logsumexp(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return _CausalLogSumExp.apply(q, k)
 
 
+class _RowsLogSumExp(torch.autograd.Function):
+    """``lse[..., r] = log Σ_{n ≤ rows[r]} exp(q_r·k_n)`` for a few sorted query positions ``rows [R]`` of a long
+    sequence: ``q [B, H, R, d]``, ``k [B, H, L, d]`` or ``[B, L, d]`` shared by the heads. Like
+    :class:`_CausalLogSumExp`, a block of rows at a time reads only the keys up to its last row, and the gradient in
+    ``q`` (``Σ_n softmax_rn k_n``) is kept from the forward."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        lse = q.new_empty(q.shape[:-1])
+        pk = torch.empty_like(q)
+        shared = k.dim() == q.dim() - 1
+        edges = block_edges(len(rows), LSE_BLOCKS)
+        for r0, r1 in zip(edges[:-1], edges[1:]):
+            end = int(rows[r1 - 1]) + 1
+            kb = k[:, :end] if shared else k[..., :end, :]
+            if shared:
+                b, h = q.shape[:2]
+                s = (q[..., r0:r1, :].reshape(b, h * (r1 - r0), -1) @ kb.transpose(-1, -2)).view(b, h, r1 - r0, end)
+            else:
+                s = q[..., r0:r1, :] @ kb.transpose(-1, -2)
+            s.masked_fill_(torch.arange(end, device=q.device)[None, :] > rows[r0:r1, None], float("-inf"))
+            mx = s.amax(-1, keepdim=True)
+            s.sub_(mx).exp_()
+            total = s.sum(-1, keepdim=True)
+            pk[..., r0:r1, :] = weighted_sum(s, kb) / total
+            lse[..., r0:r1] = (mx + total.log()).squeeze(-1)
+        ctx.save_for_backward(pk)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (pk,) = ctx.saved_tensors
+        return grad[..., None] * pk, None, None
+
+
 def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tensor], targets: list[torch.Tensor],
-                angles: torch.Tensor, iterations: int = 15) -> tuple[dict, dict]:
+                angles: torch.Tensor, iterations: int = 15,
+                rows: list[torch.Tensor | None] | None = None) -> tuple[dict, dict]:
     """Fit the converted layer's query weight to the source attention distributions.
 
     Args:
         tensors: the converted layer's tensors (names relative to ``self_attn.``), float32, on the inputs' device.
         plan: the conversion plan.
         inputs: batches ``[b, L, hidden]`` of attention inputs (after the layer's input norm).
-        targets: for each batch, the source log-probabilities ``[b, heads, L, L]`` (:func:`source_log_probs`).
-        angles: ``[L, rope_dim/2]`` angles of the converted model's rotary frequencies.
+        targets: for each batch, the source log-probabilities ``[b, heads, L, L]``, or ``[b, heads, R, L]`` for the
+            batches with ``rows`` (:func:`source_log_probs`).
+        angles: ``[L, rope_dim/2]`` angles of the converted model's rotary frequencies, for the longest batch's ``L``
+            positions (a shorter batch reads its first rows).
         iterations: L-BFGS iterations (each one or a few forward/backward passes over all batches).
+        rows: per batch, the sorted query positions its targets hold (``None``: every position). A long sequence is
+            fitted on a few of its queries, each against all the keys it sees: the loss reads ``R·L``, not ``L²``,
+            scores.
 
     Returns:
         ``(tensors, info)``: the tensors with the query weight replaced (other entries shared, not copied), and
         ``{"kl_before", "kl_after"}``, the mean KL per query and head on the fitted inputs (nats).
     """
-    if len(inputs) != len(targets) or not inputs:
-        raise ValueError(f"need one target per input batch and at least one batch, got {len(inputs)} and {len(targets)}")
+    rows = [None] * len(inputs) if rows is None else rows
+    if len(inputs) != len(targets) or len(rows) != len(inputs) or not inputs:
+        raise ValueError(f"need one target (and one rows entry) per input batch and at least one batch, got "
+                         f"{len(inputs)} inputs, {len(targets)} targets and {len(rows)} rows")
     name = query_weight_name(tensors)
     hd, d, n_h = plan.head_dim, plan.rope_dim, plan.n_heads
     scale = (hd + d) ** -0.5
@@ -117,24 +180,29 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
 
     batches = []
     with torch.no_grad():
-        for x, lp in zip(inputs, targets):
+        for x, lp, sel in zip(inputs, targets, rows):
+            ang = angles[: x.shape[1]]
             if absorbed:
-                kk = torch.cat(mla_latent(tensors, plan, x, angles), dim=-1)
+                kk = torch.cat(mla_latent(tensors, plan, x, ang), dim=-1)
             else:
-                _, kk, _, _ = mla_score_inputs(tensors, plan, x, angles, values=False)
+                _, kk, _, _ = mla_score_inputs(tensors, plan, x, ang, values=False)
             p = lp.exp()
+            z = query_features(tensors, x)
+            if sel is not None:
+                z, ang = z[:, sel], ang[sel]
             # Σ_n p_n log q_n = scale·q·(Σ_n p_n k_n) − logsumexp(s): the target-weighted keys are fixed
-            batches.append((query_features(tensors, x), kk, weighted_sum(p, kk), (p * lp.clamp_min(-1e30)).sum(-1)))
-    count = sum(int(pk.shape[0]) * n_h * int(pk.shape[2]) for _, _, pk, _ in batches)
+            batches.append((z, kk, weighted_sum(p, kk), (p * lp.clamp_min(-1e30)).sum(-1), ang, sel))
+    count = sum(int(b[2].shape[0]) * n_h * int(b[2].shape[2]) for b in batches)
 
     def loss_of(w: torch.Tensor) -> torch.Tensor:
-        total, rows = 0.0, read_rows(w)
-        for z, kk, pk, neg_ent in batches:
+        total, read = 0.0, read_rows(w)
+        for z, kk, pk, neg_ent, ang, sel in batches:
             b, l, _ = z.shape
-            q = (z @ rows.T).view(b, l, n_h, width + d).transpose(1, 2)
+            q = (z @ read.T).view(b, l, n_h, width + d).transpose(1, 2)
             q_nope = q[..., :width] @ fold if absorbed else q[..., :width]
-            q = torch.cat((q_nope, rotate_interleaved(q[..., width:], angles)), dim=-1) * scale
-            cross = (q * pk).sum(-1) - causal_logsumexp(q, kk)  # Σ_n p_n log softmax(s)_n
+            q = torch.cat((q_nope, rotate_interleaved(q[..., width:], ang)), dim=-1) * scale
+            lse = causal_logsumexp(q, kk) if sel is None else _RowsLogSumExp.apply(q, kk, sel)
+            cross = (q * pk).sum(-1) - lse  # Σ_n p_n log softmax(s)_n
             total = total + (neg_ent - cross).sum()
         return total / count
 

@@ -122,6 +122,52 @@ def test_conversion_records_the_query_fit(tiny_source, tmp_path):
     assert all(layer.query_kl_before is None for layer in off.layers)
 
 
+def _attention_kl_past(path_src: str, path_mla: str, ids: torch.Tensor, start: int) -> float:
+    """Mean KL(source ‖ converted) of layer 0's attention over the heads and the query rows from ``start`` on."""
+    from transformers import AutoModelForCausalLM
+
+    probs = []
+    for path in (path_src, path_mla):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+        with torch.no_grad():
+            probs.append(model(ids[None], output_attentions=True).attentions[0][0, :, start:])
+    p, q = probs
+    return float((p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1).mean())
+
+
+def test_long_query_fit_matches_attention_past_the_calibration_length(tiny_source, tmp_path):
+    """One long sequence (192 tokens against calibration sequences of 32) joins the query fit: the record says so,
+    and on held-out text the converted attention past position 32 is closer to the source's than without it."""
+    src = tiny_source(n_kv=2, head_dim=16, seed=5)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 40)
+    kw = dict(source=src, rank=24, rope_dim=4, calibration=str(corpus), calibration_samples=8, calibration_length=32,
+              progress=False)
+    long = mha2mla.convert(output=str(tmp_path / "long"), method=Method(query_fit_context=192, query_fit_rows=48), **kw)
+    short = mha2mla.convert(output=str(tmp_path / "short"), method=Method(query_fit_context=0), **kw)
+    assert long.record["calibration"]["query_fit_context"] == 192
+    assert long.record["calibration"]["query_fit_rows"] == 48
+    assert "query_fit_context" not in short.record["calibration"]
+    from mha2mla.data import pack_tokens
+    from transformers import AutoTokenizer
+
+    ids = pack_tokens(AutoTokenizer.from_pretrained(src), [CORPUS[len(CORPUS) // 3:] + CORPUS * 3], max_tokens=192)
+    assert len(ids) == 192
+    kl_long = _attention_kl_past(src, str(tmp_path / "long"), torch.as_tensor(ids), 32)
+    kl_short = _attention_kl_past(src, str(tmp_path / "short"), torch.as_tensor(ids), 32)
+    assert kl_long < 0.9 * kl_short
+
+
+def test_long_query_fit_is_skipped_when_the_text_is_too_short(tiny_source, tmp_path):
+    src = tiny_source(n_kv=2, head_dim=16, seed=5)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 2)
+    res = mha2mla.convert(source=src, output=str(tmp_path / "out"), rank=24, rope_dim=4, calibration=str(corpus),
+                          calibration_samples=2, calibration_length=32, progress=False,
+                          method=Method(query_fit_context=10_000))  # (capped at the source's 256 positions)
+    assert res.record["calibration"]["query_fit_context"] == "not used: the calibration text has fewer than 256 tokens"
+
+
 def test_drift_correction_lowers_the_error_that_reaches_the_logits(tiny_source, tmp_path):
     src = tiny_source(n_kv=2, head_dim=16, seed=7, layers=4)
     corpus = tmp_path / "c.txt"

@@ -13,13 +13,15 @@ from mha2mla.conversion.options import Method
 from mha2mla.conversion.plan import make_plan
 from mha2mla.conversion.stream import Propagation, calibration_tokens
 from mha2mla.ops.attention import absorbs_keys, mla_score_inputs
-from mha2mla.ops.query_fit import causal_logsumexp, fit_queries, query_weight_name, source_log_probs
+from mha2mla.ops.query_fit import causal_logsumexp, fit_queries, query_weight_name, source_log_probs, spread_rows
 from mha2mla.ops.rope import kept_frequencies
 from tests.conftest import CORPUS
 
 
-def _layer(tiny_source, tmp_path, *, arch="llama", n_kv=2, rope_dim=4, rank=None, samples=12, length=48, **kw):
-    """A tiny source, layer 0 converted with calibration (no query fit), and what the query fit needs."""
+def _layer(tiny_source, tmp_path, *, arch="llama", n_kv=2, rope_dim=4, rank=None, samples=12, length=48,
+           source_side=False, **kw):
+    """A tiny source, layer 0 converted with calibration (no query fit), and what the query fit needs (with
+    ``source_side``, also the source's float32 attention weights and rotary angles)."""
     src = load_source(tiny_source(arch=arch, n_kv=n_kv, head_dim=16, seed=5, **kw))
     rank = rank or 2 * n_kv * 16
     plan = make_plan(source=src, rank=rank, rope_dim=rope_dim, rope_stride=None, dtype="float32")
@@ -43,6 +45,8 @@ def _layer(tiny_source, tmp_path, *, arch="llama", n_kv=2, rope_dim=4, rank=None
                                 head_dim=plan.head_dim) for x in xs]
     mla_angles = angles[:, kept_frequencies(head_dim=16, rope_dim=rope_dim, stride=plan.rope_stride)]
     t32 = {k: v.float() for k, v in tensors.items()}
+    if source_side:
+        return plan, t32, xs, targets, mla_angles, w32, angles
     return plan, t32, xs, targets, mla_angles
 
 
@@ -76,8 +80,10 @@ def test_query_fit_keeps_an_exact_conversion(tiny_source, tmp_path):
 
 def test_query_fit_validates_its_inputs(tiny_source, tmp_path):
     plan, tensors, xs, targets, angles = _layer(tiny_source, tmp_path, samples=4)
-    with pytest.raises(ValueError, match="one target per input batch"):
+    with pytest.raises(ValueError, match="one target .* per input batch"):
         fit_queries(tensors=tensors, plan=plan, inputs=xs, targets=targets + targets, angles=angles)
+    with pytest.raises(ValueError, match=f"{len(xs) + 1} rows"):
+        fit_queries(tensors=tensors, plan=plan, inputs=xs, targets=targets, angles=angles, rows=[None] * (len(xs) + 1))
     with pytest.raises(ValueError, match="at least one batch"):
         fit_queries(tensors=tensors, plan=plan, inputs=[], targets=[], angles=angles)
 
@@ -99,6 +105,39 @@ def test_the_fitted_loss_is_the_mean_attention_kl(tiny_source, tmp_path, bias, r
         total, count = total + float(kl.sum()), count + kl.numel()
     assert total / count > 1e-3
     assert _kl(plan, tensors, xs, targets, angles) == pytest.approx(total / count, rel=1e-4)
+
+
+@pytest.mark.parametrize("rank", [None, 12])
+def test_sampled_rows_score_the_kl_of_those_rows(tiny_source, tmp_path, rank):
+    """A long sequence is fitted on a few of its query rows: its targets are exactly those rows of the full
+    log-probabilities, the loss on them is the mean KL of those rows, and every row reproduces the full loss."""
+    plan, tensors, xs, targets, angles, w32, src_angles = _layer(tiny_source, tmp_path, rank=rank, samples=4,
+                                                                source_side=True)
+    x, full = xs[0], targets[0]
+    sel = spread_rows(length=x.shape[1], count=7)
+    assert sel[0] == 0 and sel[-1] == x.shape[1] - 1 and len(sel) == 7 and bool((sel.diff() > 0).all())
+    lp = source_log_probs(weights=w32, x=x, angles=src_angles, n_heads=plan.n_heads, n_kv=plan.n_kv,
+                          head_dim=plan.head_dim, rows=sel)
+    assert torch.allclose(lp, full[:, :, sel], atol=1e-5)
+    mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+    qq, kk, _, _ = mla_score_inputs(tensors, plan, x, angles, values=False)
+    logq = (qq @ kk.transpose(-1, -2) * (plan.head_dim + plan.rope_dim) ** -0.5).masked_fill(~mask, -math.inf)
+    kl_rows = (full.exp() * (full - logq.log_softmax(-1)).masked_fill(~mask, 0.0)).sum(-1)[:, :, sel]
+    got = fit_queries(tensors=tensors, plan=plan, inputs=[x], targets=[lp], angles=angles, rows=[sel], iterations=0)
+    assert got[1]["kl_after"] == pytest.approx(float(kl_rows.mean()), rel=1e-4)
+    every = torch.arange(x.shape[1])
+    assert _kl(plan, tensors, [x], [full], angles) == pytest.approx(
+        fit_queries(tensors=tensors, plan=plan, inputs=[x], targets=[full], angles=angles, rows=[every],
+                    iterations=0)[1]["kl_after"], rel=1e-5)
+    fitted, info = fit_queries(tensors=tensors, plan=plan, inputs=[x], targets=[lp], angles=angles, rows=[sel],
+                               iterations=10)
+    assert info["kl_after"] < 0.9 * info["kl_before"]
+
+
+def test_spread_rows_validates():
+    assert spread_rows(length=3, count=10).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="count 0"):
+        spread_rows(length=5, count=0)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -143,3 +182,25 @@ def test_fused_causal_logsumexp_matches_autograd_of_the_dense_scores(length, sha
     (got,) = torch.autograd.grad((fused * w).sum(), q)
     assert torch.allclose(fused, dense, rtol=1e-12, atol=1e-12)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_rows_logsumexp_matches_autograd_of_the_dense_scores(shared):
+    """The sampled-row log-sum-exp (each row over the keys up to its position, blockwise) and its gradient in q equal
+    those of the dense masked scores."""
+    from mha2mla.ops.query_fit import _RowsLogSumExp
+
+    g = torch.Generator().manual_seed(3)
+    length, rows = 40, torch.tensor([0, 3, 9, 10, 22, 31, 39])
+    q = torch.randn(2, 3, len(rows), 5, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, length, 5, generator=g, dtype=torch.float64)
+    if shared:
+        k = k[:, :1].expand(-1, 3, -1, -1)
+    w = torch.randn(2, 3, len(rows), generator=g, dtype=torch.float64)
+    mask = torch.arange(length)[None, :] <= rows[:, None]
+    dense = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")).logsumexp(-1)
+    (grad_dense,) = torch.autograd.grad((dense * w).sum(), q)
+    fused = _RowsLogSumExp.apply(q, k[:, 0] if shared else k, rows)
+    (grad_fused,) = torch.autograd.grad((fused * w).sum(), q)
+    assert torch.allclose(fused, dense, atol=1e-12)
+    assert torch.allclose(grad_fused, grad_dense, atol=1e-12)
