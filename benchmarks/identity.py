@@ -73,6 +73,16 @@ CASES = {
 }
 
 
+def _pinned_method():
+    """The defaults as of the redesign, on trees that have the long-context query fit (which came after it): that fit
+    off. None on older trees (their defaults are that method)."""
+    try:
+        from mha2mla import Method
+    except ImportError:  # (trees before the redesign)
+        return None
+    return Method(query_fit_context=0) if "query_fit_context" in Method.__dataclass_fields__ else None
+
+
 def convert_case(name: str, out: str) -> str:
     """Build case ``name``'s tiny source under ``out`` and convert it; returns the output directory."""
     import mha2mla
@@ -90,8 +100,7 @@ def convert_case(name: str, out: str) -> str:
         text = os.path.join(out, "corpus.txt")
         with open(text, "w") as f:
             f.write((ct.CORPUS + "\n") * 40)
-        # the method as of the redesign: the long-context query fit (query_fit_context) came after it
-        pinned = {"query_fit_context": 0} if "query_fit_context" in Method.__dataclass_fields__ else {}
+        pinned = {"query_fit_context": 0} if _pinned_method() is not None else {}
         kw.update(method=Method(mlp_dtype="float32", **pinned), calibration=text, calibration_samples=8,
                   calibration_length=48)
     src = ct.build_source(os.path.join(out, "src-" + name), arch=arch, n_heads=n_heads, n_kv=n_kv, layers=3, seed=7)
@@ -108,8 +117,9 @@ def run_cases(out: str, smollm2: str | None, calibration: str | None) -> dict:
     if smollm2:
         t0 = time.time()
         dst = os.path.join(out, "smollm2-96+32")
+        kw = {"method": _pinned_method()} if _pinned_method() is not None else {}
         mha2mla.convert(source=smollm2, output=dst, rank=96, rope_dim=32, calibration=calibration, force=True,
-                        progress=False)
+                        progress=False, **kw)
         result["smollm2-96+32"] = digest_dir(dst, out)
         print(f"smollm2 96+32: {time.time() - t0:.0f} s", file=sys.stderr)
     return result
