@@ -223,21 +223,26 @@ def mla_head_contexts(*, tensors: dict, plan: ConversionPlan, x: torch.Tensor, a
 CONTEXT_QUERY_BLOCKS = 8
 
 
-def causal_score_blocks(q: torch.Tensor, k: torch.Tensor, blocks: int):
-    """Causal scores a block of queries at a time: yields ``(r0, r1, q[..., r0:r1, :] · k[..., :r1, :]ᵀ)`` with −inf
-    above the diagonal, for ``blocks`` near-equal query blocks (:func:`mha2mla.ops.moments.block_edges`). Each block reads
-    only the keys it can see (5/8 of the score matrix at 4 blocks, 9/16 at 8), and its scores are a fresh tensor the
-    caller may overwrite. ``q [B, H, L, d]``; ``k [B, H, L, d]``, or ``[B, L, d]`` shared by all heads (one product
-    per block, no per-head copy of the keys)."""
+def causal_score_blocks(q: torch.Tensor, k: torch.Tensor, blocks: int, rows: torch.Tensor | None = None):
+    """Causal scores a block of queries at a time: yields ``(r0, r1, q[..., r0:r1, :] · k[..., :e, :]ᵀ)`` with −inf
+    on the keys each query cannot see, for ``blocks`` near-equal query blocks (:func:`mha2mla.ops.moments.block_edges`).
+    Each block reads only the keys up to its last query (``e = r1``: 5/8 of the score matrix at 4 blocks, 9/16 at 8),
+    and its scores are a fresh tensor the caller may overwrite. ``q [B, H, L, d]``; ``k [B, H, L, d]``, or ``[B, L, d]``
+    shared by all heads (one product per block, no per-head copy of the keys). ``rows``: the sorted positions of
+    ``q``'s rows when they are a few queries of a longer sequence (``e = rows[r1−1] + 1``); default ``0…L−1``."""
     edges = block_edges(q.shape[-2], blocks)
     shared = k.dim() == q.dim() - 1
     for r0, r1 in zip(edges[:-1], edges[1:]):
+        end = r1 if rows is None else int(rows[r1 - 1]) + 1
         if shared:
             b, h = q.shape[:2]
-            s = (q[..., r0:r1, :].reshape(b, h * (r1 - r0), -1) @ k[:, :r1].transpose(-1, -2)).view(b, h, r1 - r0, r1)
+            s = (q[..., r0:r1, :].reshape(b, h * (r1 - r0), -1) @ k[:, :end].transpose(-1, -2)).view(b, h, r1 - r0, end)
         else:
-            s = q[..., r0:r1, :] @ k[..., :r1, :].transpose(-1, -2)
-        s[..., r0:].masked_fill_(~torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+            s = q[..., r0:r1, :] @ k[..., :end, :].transpose(-1, -2)
+        if rows is None:
+            s[..., r0:].masked_fill_(~torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        else:
+            s.masked_fill_(torch.arange(end, device=q.device)[None, :] > rows[r0:r1, None], float("-inf"))
         yield r0, r1, s
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from mha2mla.ops.moments import block_edges
 from mha2mla.ops.shapes import ConversionPlan
 from mha2mla.ops.attention import (key_up_projection, mla_latent, mla_score_inputs, query_features,
                                rotate_interleaved, absorbs_keys, causal_score_blocks, query_weight_name, source_qkv,
@@ -68,57 +67,19 @@ LSE_BLOCKS = 4
 class _CausalLogSumExp(torch.autograd.Function):
     """``lse[..., m] = log Σ_{n≤m} exp(q_m·k_n)`` for ``q [B, H, L, d]`` and ``k [B, H, L, d]`` (or ``[B, L, d]``
     shared by the heads), with its gradient in ``q`` only
-    (``∂lse_m/∂q_m = Σ_n softmax_mn k_n``, kept from the forward: the backward reads no score matrix again)."""
+    (``∂lse_m/∂q_m = Σ_n softmax_mn k_n``, kept from the forward: the backward reads no score matrix again). With
+    ``rows``, ``q`` holds only the queries at those sorted positions of a longer sequence (``[B, H, R, d]``), each over
+    the keys up to its position."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         lse = q.new_empty(q.shape[:-1])
         pk = torch.empty_like(q)
-        for r0, r1, s in causal_score_blocks(q, k, LSE_BLOCKS):  # s [B, H, r1−r0, r1]
+        for r0, r1, s in causal_score_blocks(q, k, LSE_BLOCKS, rows):  # s [B, H, r1−r0, keys seen]
             mx = s.amax(-1, keepdim=True)
             s.sub_(mx).exp_()
             total = s.sum(-1, keepdim=True)
-            pk[..., r0:r1, :] = weighted_sum(s, k[..., :r1, :]) / total
-            lse[..., r0:r1] = (mx + total.log()).squeeze(-1)
-        ctx.save_for_backward(pk)
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (pk,) = ctx.saved_tensors
-        return grad[..., None] * pk, None
-
-
-def causal_logsumexp(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``lse[..., m] = log Σ_{n≤m} exp(q_m·k_n)`` with its gradient in ``q`` (see :class:`_CausalLogSumExp`)."""
-    return _CausalLogSumExp.apply(q, k)
-
-
-class _RowsLogSumExp(torch.autograd.Function):
-    """``lse[..., r] = log Σ_{n ≤ rows[r]} exp(q_r·k_n)`` for a few sorted query positions ``rows [R]`` of a long
-    sequence: ``q [B, H, R, d]``, ``k [B, H, L, d]`` or ``[B, L, d]`` shared by the heads. Like
-    :class:`_CausalLogSumExp`, a block of rows at a time reads only the keys up to its last row, and the gradient in
-    ``q`` (``Σ_n softmax_rn k_n``) is kept from the forward."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        lse = q.new_empty(q.shape[:-1])
-        pk = torch.empty_like(q)
-        shared = k.dim() == q.dim() - 1
-        edges = block_edges(len(rows), LSE_BLOCKS)
-        for r0, r1 in zip(edges[:-1], edges[1:]):
-            end = int(rows[r1 - 1]) + 1
-            kb = k[:, :end] if shared else k[..., :end, :]
-            if shared:
-                b, h = q.shape[:2]
-                s = (q[..., r0:r1, :].reshape(b, h * (r1 - r0), -1) @ kb.transpose(-1, -2)).view(b, h, r1 - r0, end)
-            else:
-                s = q[..., r0:r1, :] @ kb.transpose(-1, -2)
-            s.masked_fill_(torch.arange(end, device=q.device)[None, :] > rows[r0:r1, None], float("-inf"))
-            mx = s.amax(-1, keepdim=True)
-            s.sub_(mx).exp_()
-            total = s.sum(-1, keepdim=True)
-            pk[..., r0:r1, :] = weighted_sum(s, kb) / total
+            pk[..., r0:r1, :] = weighted_sum(s, k[..., : s.shape[-1], :]) / total
             lse[..., r0:r1] = (mx + total.log()).squeeze(-1)
         ctx.save_for_backward(pk)
         return lse
@@ -127,6 +88,12 @@ class _RowsLogSumExp(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (pk,) = ctx.saved_tensors
         return grad[..., None] * pk, None, None
+
+
+def causal_logsumexp(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``lse[..., m] = log Σ_{n≤m} exp(q_m·k_n)`` with its gradient in ``q`` (see :class:`_CausalLogSumExp`; ``rows``:
+    the positions of ``q``'s rows when they are a few queries of a longer sequence)."""
+    return _CausalLogSumExp.apply(q, k, rows)
 
 
 def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tensor], targets: list[torch.Tensor],
@@ -201,7 +168,7 @@ def fit_queries(*, tensors: dict, plan: ConversionPlan, inputs: list[torch.Tenso
             q = (z @ read.T).view(b, l, n_h, width + d).transpose(1, 2)
             q_nope = q[..., :width] @ fold if absorbed else q[..., :width]
             q = torch.cat((q_nope, rotate_interleaved(q[..., width:], ang)), dim=-1) * scale
-            lse = causal_logsumexp(q, kk) if sel is None else _RowsLogSumExp.apply(q, kk, sel)
+            lse = causal_logsumexp(q, kk, sel)
             cross = (q * pk).sum(-1) - lse  # Σ_n p_n log softmax(s)_n
             total = total + (neg_ent - cross).sum()
         return total / count

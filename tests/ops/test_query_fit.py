@@ -188,8 +188,6 @@ def test_fused_causal_logsumexp_matches_autograd_of_the_dense_scores(length, sha
 def test_rows_logsumexp_matches_autograd_of_the_dense_scores(shared):
     """The sampled-row log-sum-exp (each row over the keys up to its position, blockwise) and its gradient in q equal
     those of the dense masked scores."""
-    from mha2mla.ops.query_fit import _RowsLogSumExp
-
     g = torch.Generator().manual_seed(3)
     length, rows = 40, torch.tensor([0, 3, 9, 10, 22, 31, 39])
     q = torch.randn(2, 3, len(rows), 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -200,7 +198,7 @@ def test_rows_logsumexp_matches_autograd_of_the_dense_scores(shared):
     mask = torch.arange(length)[None, :] <= rows[:, None]
     dense = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")).logsumexp(-1)
     (grad_dense,) = torch.autograd.grad((dense * w).sum(), q)
-    fused = _RowsLogSumExp.apply(q, k[:, 0] if shared else k, rows)
+    fused = causal_logsumexp(q, k[:, 0] if shared else k, rows)
     (grad_fused,) = torch.autograd.grad((fused * w).sum(), q)
     assert torch.allclose(fused, dense, atol=1e-12)
     assert torch.allclose(grad_fused, grad_dense, atol=1e-12)
