@@ -275,7 +275,9 @@ def serving_verdicts(config: dict, weight_names: Iterable[str], *, as_dicts: boo
         "models/deepseek_v3/modeling_deepseek_v3.py: the cache holds the normalised latent and the roped shared key"))
 
     semantic = "; ".join(blockers)
-    refix = "none: convert again with a portable source or options"
+    refix = ("convert again without --rope-scaling keep (the target's rope is then `default`, of the frequencies "
+             "the llama3 scaling leaves unchanged)" if rope_type(config) == "llama3" and len(blockers) == 1
+             else "none: convert again with a portable source or options")
 
     def engine(name: str, shape_ok: bool, shape_why: str, shape_fix: str, cites: str) -> EngineVerdict:
         if blockers:

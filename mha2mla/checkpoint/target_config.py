@@ -11,8 +11,11 @@ __all__ = ["deepseek_v3_config"]
 def deepseek_v3_config(*, source: SourceModel, plan: ConversionPlan) -> dict:
     """The DeepseekV3 config dict for ``plan``: readable by transformers 5.x and, through the legacy rope keys, 4.x."""
     cfg = source.config
-    rope = {k: v for k, v in source.rope.items() if k not in ("rope_theta",)}
-    rope["rope_theta"] = plan.rope_theta
+    if plan.rope_type == "default":  # a scaled source made portable keeps only planes its scaling leaves unchanged
+        rope = {"rope_type": "default", "rope_theta": plan.rope_theta}
+    else:
+        rope = {k: v for k, v in source.rope.items() if k not in ("rope_theta",)}
+        rope["rope_theta"] = plan.rope_theta
     legacy_scaling = None if rope["rope_type"] == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
     return {
         "architectures": ["DeepseekV3ForCausalLM"],

@@ -18,6 +18,10 @@ from mha2mla.serve.targets import SERVE_TARGETS
 @click.option("--kv-budget", type=int, default=None, help="Instead of --rank/--rope-dim: cached values per token per layer; the split is measured on --calibration data.")
 @click.option("--rope-dim", type=int, default=None, help="qk_rope_head_dim: rotary dims of the one shared rope key (even, divides head_dim). Default head_dim/2.")
 @click.option("--rope-stride", type=int, default=None, help="Keep every k-th source frequency (default head_dim/rope-dim, which keeps θ; with --calibration it is chosen from the data).")
+@click.option("--rope-scaling", type=click.Choice(["auto", "portable", "keep"]), default="auto", show_default=True,
+              help="A llama3/linear rope source: portable = a default rope of only the frequencies its scaling leaves "
+                   "unchanged (served as written by vLLM/SGLang); keep = its scaling carried over (exact in transformers; "
+                   "vLLM/SGLang rewrite it to DeepSeek YaRN); auto = portable where possible.")
 @click.option("--calibration", default=None, help="Calibration text: .txt/.jsonl file, directory, or hf:DATASET.")
 @click.option("--calibration-samples", type=int, default=48, show_default=True, help="Calibration sequences.")
 @click.option("--calibration-length", type=int, default=512, show_default=True,
@@ -39,7 +43,7 @@ from mha2mla.serve.targets import SERVE_TARGETS
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, calibration, calibration_samples, calibration_length,
+def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, rope_scaling, calibration, calibration_samples, calibration_length,
                 device, dtype, max_shard_size, keep_mlp, mlp_dtype, method_spec, report, serve, force, quiet):
     """Convert SOURCE (HF directory, hub id or .gguf file) into a native DeepseekV3 MLA checkpoint."""
     from mha2mla.conversion.options import Method
@@ -58,7 +62,7 @@ def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, calibrat
 
         convert = functools.partial(convert_for_serving, serve=serve)
     res = convert(method=method, source=source, output=output, rank=rank, kv_budget=kv_budget, rope_dim=rope_dim, rope_stride=rope_stride,
-                  calibration=calibration, calibration_samples=calibration_samples,
+                  rope_scaling=rope_scaling, calibration=calibration, calibration_samples=calibration_samples,
                   calibration_length=calibration_length, dtype=dtype, force=force, max_shard_size=max_shard_size,
                   report=report, device=device, progress=not quiet)
     kv = res.record["kv_cache"]

@@ -161,6 +161,9 @@ def convert_attention(
         if method.expected_rotation:
             rho = expected_rotation(distance_hist=calib.distance_hist, inv_freq=calib.inv_freq)
             q_nope = scale_planes(q, rho.conj().to(torch.complex128 if q.dtype == torch.float64 else torch.complex64))
+    if plan.rope_zero:  # planes a default target cannot rotate at the source's (scaled) frequency carry nothing
+        zero = torch.tensor(plan.rope_zero)
+        w_mix, c_mix = w_mix.index_fill(0, zero, 0), c_mix.index_fill(0, zero, 0)
     q_rope, k_rope, k_nope = split_rope(q=q, k=k, freqs=freqs, w=w_mix, c=c_mix)
     half = hd // 2
     kept_energy = float(planes.abs().pow(2).sum())

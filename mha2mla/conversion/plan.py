@@ -9,16 +9,27 @@ import torch
 from mha2mla.errors import Mha2mlaError
 from mha2mla.ops.shapes import DTYPES, TARGET_EPS, ConversionPlan
 from mha2mla.ops.shapes import max_rank as shape_max_rank
-from mha2mla.ops.rope import rope_theta_for_stride, validate_rope_dim
+from mha2mla.ops.rope import kept_frequencies, rope_theta_for_stride, unscaled_frequencies, validate_rope_dim
 from mha2mla.checkpoint.source import SourceModel
 
-__all__ = ["make_plan"]
+__all__ = ["make_plan", "ROPE_SCALING"]
 
-def make_plan(*, source: SourceModel, rank: int, rope_dim: int | None = None, rope_stride: int | None = None, dtype: str = "auto") -> ConversionPlan:
+ROPE_SCALING = ("auto", "portable", "keep")
+
+
+def make_plan(*, source: SourceModel, rank: int, rope_dim: int | None = None, rope_stride: int | None = None,
+              dtype: str = "auto", rope_scaling: str = "auto") -> ConversionPlan:
     """Validate the user's choices against the source and fix every target constant.
 
+    Args:
+        rope_scaling: for a source whose rope type scales frequencies (``llama3``, ``linear``): ``portable`` writes a
+            ``default`` rope that keeps only frequencies the scaling leaves unchanged (engines serve it as written);
+            ``keep`` carries the scaling over (exact in transformers; vLLM and SGLang rewrite it to DeepSeek YaRN);
+            ``auto`` is ``portable`` where some kept frequency is unchanged, else ``keep``.
+
     Raises:
-        Mha2mlaError: invalid rank, rope dim, stride or dtype (the message shows the values and the valid range).
+        Mha2mlaError: invalid rank, rope dim, stride, dtype or rope scaling (the message shows the values and the
+            valid range).
     """
     hd = source.head_dim
     rope_dim = hd // 2 if rope_dim is None else int(rope_dim)
@@ -26,12 +37,12 @@ def make_plan(*, source: SourceModel, rank: int, rope_dim: int | None = None, ro
         validate_rope_dim(head_dim=hd, rope_dim=rope_dim)
     except ValueError as e:
         raise Mha2mlaError(str(e)) from None
+    if rope_scaling not in ROPE_SCALING:
+        raise Mha2mlaError(f"--rope-scaling must be one of {', '.join(ROPE_SCALING)}, got {rope_scaling!r}")
     max_stride = hd // rope_dim
-    stride = max_stride if rope_stride is None else int(rope_stride)
-    if not 1 <= stride <= max_stride:
-        raise Mha2mlaError(f"--rope-stride must be in 1..{max_stride} for head_dim {hd} and --rope-dim {rope_dim}, got {stride}")
-    if stride != max_stride and source.rope["rope_type"] != "default":
-        raise Mha2mlaError(f"--rope-stride {stride} changes θ, which is only exact for rope type 'default' (this source: {source.rope['rope_type']!r}); use the default stride {max_stride}")
+    if rope_stride is not None and not 1 <= int(rope_stride) <= max_stride:
+        raise Mha2mlaError(f"--rope-stride must be in 1..{max_stride} for head_dim {hd} and --rope-dim {rope_dim}, got {rope_stride}")
+    stride, rope_type, zero = _rope_schedule(source, rope_dim, rope_stride, rope_scaling)
     max_rank = shape_max_rank(n_kv=source.n_kv, head_dim=hd, hidden=source.hidden)
     if not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise Mha2mlaError(f"--rank must be in 1..{max_rank} (the rank of the stacked keys and values: 2·{source.n_kv} KV heads·{hd}, hidden {source.hidden}), got {rank}")
@@ -52,4 +63,29 @@ def make_plan(*, source: SourceModel, rank: int, rope_dim: int | None = None, ro
         residual_scale=scale,
         tie_embeddings=source.tied and scale == 1.0,
         dtype=dtype,
+        rope_type=rope_type,
+        rope_zero=zero,
     )
+
+
+def _rope_schedule(source: SourceModel, rope_dim: int, rope_stride: int | None, mode: str) -> tuple[int, str, tuple[int, ...]]:
+    """``(stride, target rope type, zero planes)``. A ``default`` target keeps the planes whose source frequency is
+    unscaled and zeroes the rest; without a stride given, it takes the stride that keeps the most such planes (ties:
+    the larger stride, which keeps θ at ``head_dim/D``)."""
+    hd, kind = source.head_dim, source.rope["rope_type"]
+    max_stride = hd // rope_dim
+    if kind == "default":
+        return (max_stride if rope_stride is None else int(rope_stride)), "default", ()
+    unchanged = unscaled_frequencies(rope=source.rope, head_dim=hd)
+    kept = {s: unchanged[kept_frequencies(head_dim=hd, rope_dim=rope_dim, stride=s)] for s in range(1, max_stride + 1)}
+    if mode != "keep":
+        stride = max(kept, key=lambda s: (int(kept[s].sum()), s)) if rope_stride is None else int(rope_stride)
+        if kept[stride].any():
+            return stride, "default", tuple(int(m) for m in torch.nonzero(~kept[stride]).flatten())
+        if mode == "portable":
+            raise Mha2mlaError(f"--rope-scaling portable: the source's {kind!r} rope scaling changes every frequency kept "
+                               f"at stride {stride}, so a default rope reproduces none of them; use --rope-scaling keep")
+    if rope_stride is not None and int(rope_stride) != max_stride:
+        raise Mha2mlaError(f"--rope-stride {rope_stride} changes θ, which is only exact for rope type 'default' (this "
+                           f"source: {kind!r}, its scaling kept); use the default stride {max_stride}")
+    return max_stride, kind, ()

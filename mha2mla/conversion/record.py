@@ -112,7 +112,7 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
 
 ## What was done
 - Decoupled RoPE: {plan['rope_dim']} rope dimensions (every {plan['rope_stride']}-th source frequency, θ = {plan['rope_theta']:g}),
-  shared by all heads; the rest of each key lost its rotation.
+  shared by all heads; the rest of each key lost its rotation.{_rope_line(record)}
 - Keys (no-RoPE part) and values of all KV heads factorised jointly into a {plan['rank']}-dim latent
   ({'calibrated on ' + str(record['options'].get('calibration')) if record['options'].get('calibration') else 'data-free truncated SVD'}).
   Mean relative error: keys {record['mean_k_rel_error']:.4f}, values {record['mean_v_rel_error']:.4f}.{_fit_line(record)}
@@ -175,6 +175,21 @@ def _padding_line(record: dict) -> str:
             f"(nope {a['qk_nope_head_dim']}, v {a['v_head_dim']}) to {b['kv_lora_rank']}+{b['qk_rope_head_dim']} "
             f"(nope {b['qk_nope_head_dim']}, v {b['v_head_dim']}); rope_theta {pad['rope_theta']:g} keeps the "
             f"frequencies.\n")
+
+
+def _rope_line(record: dict) -> str:
+    """The card's note on a source whose rope type scales frequencies: what the target's rope is, and why."""
+    kind, plan = record["source"]["rope"].get("rope_type", "default"), record["plan"]
+    if kind == "default":
+        return ""
+    if plan.get("rope_type", kind) != "default":
+        return (f"\n  The source's `{kind}` rope scaling is carried over (exact in transformers; vLLM and SGLang rewrite"
+                f"\n  it to DeepSeek YaRN, see below).")
+    zero = plan.get("rope_zero") or []
+    return (f"\n  The source's `{kind}` rope scaling changes its slow frequencies, so the target's rope is `default` and"
+            f"\n  rotates only frequencies the scaling leaves unchanged, exactly as the source does"
+            + (f"; {len(zero)} of its {plan['rope_dim'] // 2} planes carry nothing (their source frequency is scaled)."
+               if zero else "."))
 
 
 def _saving_line(kv: dict) -> str:

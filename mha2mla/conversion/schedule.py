@@ -19,7 +19,7 @@ from mha2mla.conversion.options import Method
 from mha2mla.conversion.plan import make_plan
 from mha2mla.conversion.stream import CalibrationSet, calibrate, calibration_tokens
 from mha2mla.errors import Mha2mlaError
-from mha2mla.ops.rope import kept_frequencies
+from mha2mla.ops.rope import kept_frequencies, unscaled_frequencies
 from mha2mla.ops.shapes import ConversionPlan, max_rank
 
 __all__ = ["Schedule", "first_plan", "choose_schedule", "choose_rope_stride", "budget_candidates"]
@@ -50,13 +50,19 @@ def budget_candidates(*, source: SourceModel, budget: int) -> list[int]:
 
 
 def first_plan(*, source: SourceModel, rank: int | None, rope_dim: int | None, kv_budget: int | None,
-               rope_stride: int | None, dtype: str) -> ConversionPlan:
+               rope_stride: int | None, dtype: str, rope_scaling: str = "auto") -> ConversionPlan:
     """The plan as asked, validated before any data is read (for ``kv_budget``, its middle candidate split)."""
     if kv_budget is not None:
         dims = budget_candidates(source=source, budget=kv_budget)
         rope_dim = dims[len(dims) // 2]
         rank = kv_budget - rope_dim
-    return make_plan(source=source, rank=rank, rope_dim=rope_dim, rope_stride=rope_stride, dtype=dtype)
+    return make_plan(source=source, rank=rank, rope_dim=rope_dim, rope_stride=rope_stride, dtype=dtype,
+                     rope_scaling=rope_scaling)
+
+
+def _scaling(plan: ConversionPlan) -> str:
+    """The ``rope_scaling`` mode that re-plans to ``plan``'s rope type (for a default source either gives the same)."""
+    return "portable" if plan.rope_type == "default" else "keep"
 
 
 def choose_rope_stride(*, scores: torch.Tensor, head_dim: int, rope_dim: int) -> tuple[int, dict[int, float]]:
@@ -70,9 +76,9 @@ def choose_rope_stride(*, scores: torch.Tensor, head_dim: int, rope_dim: int) ->
 
 def choose_schedule(*, source: SourceModel, plan: ConversionPlan, kv_budget: int | None, rope_stride: int | None,
                     calib: CalibrationSet, method: Method, device: torch.device, progress: bool) -> Schedule:
-    """Choose the RoPE schedule (when the stride is free: not given, rope type ``default``) and the kv-budget split
+    """Choose the RoPE schedule (when the stride is free: not given, a ``default`` target rope) and the kv-budget split
     on a calibration pre-pass; the plan is returned unchanged when there is nothing to choose."""
-    choose_stride = rope_stride is None and source.rope["rope_type"] == "default"
+    choose_stride = rope_stride is None and plan.rope_type == "default"
     if kv_budget is None and not choose_stride:
         return Schedule(plan)
     info: dict = {}
@@ -88,14 +94,15 @@ def choose_schedule(*, source: SourceModel, plan: ConversionPlan, kv_budget: int
     pre = calibrate(source=source, tokens=tokens, value_contexts=False, device=device, progress=progress,
                     desc="choosing the RoPE schedule")
     if kv_budget is not None:
-        plan, info["kv_budget"] = _best_split(source, pre, method, kv_budget, rope_stride, plan.dtype)
+        plan, info["kv_budget"] = _best_split(source, pre, method, kv_budget, rope_stride, plan)
     else:
         plan, info["rope_stride_shares"] = _stride_plan(source, plan, pre, method)
     return Schedule(plan, info)
 
 
 def _stride_plan(src: SourceModel, plan: ConversionPlan, calibs: list, method: Method) -> tuple[ConversionPlan, dict]:
-    """``plan`` with the stride that keeps the most query-weighted rotary key energy over all layers."""
+    """``plan`` with the stride that keeps the most query-weighted rotary key energy over all layers (of the
+    frequencies a ``default`` target can rotate: those the source's rope scaling leaves unchanged)."""
     compute = compute_dtype(plan.hidden)
     scores = None
     for i, calib in enumerate(calibs):
@@ -103,20 +110,23 @@ def _stride_plan(src: SourceModel, plan: ConversionPlan, calibs: list, method: M
         sc = rope_frequency_scores(weights=attn, calib=calib, n_heads=plan.n_heads, n_kv=plan.n_kv,
                                    head_dim=plan.head_dim, method=method)
         scores = sc if scores is None else scores + sc
+    scores = scores * unscaled_frequencies(rope=src.rope, head_dim=plan.head_dim).to(scores.dtype)
     stride, shares = choose_rope_stride(scores=scores, head_dim=plan.head_dim, rope_dim=plan.rope_dim)
-    return make_plan(source=src, rank=plan.rank, rope_dim=plan.rope_dim, rope_stride=stride, dtype=plan.dtype), shares
+    return make_plan(source=src, rank=plan.rank, rope_dim=plan.rope_dim, rope_stride=stride, dtype=plan.dtype,
+                     rope_scaling=_scaling(plan)), shares
 
 
 def _best_split(src: SourceModel, calibs: list, method: Method, budget: int, rope_stride: int | None,
-                dtype: str) -> tuple[ConversionPlan, dict]:
+                first: ConversionPlan) -> tuple[ConversionPlan, dict]:
     """Measure each candidate rope dim's mean attention-output error on a few layers; keep the best split."""
     compute = compute_dtype(src.hidden)
     layers = sorted(set(range(0, src.n_layers, max(1, src.n_layers // 6))))
     probe = Method(**{**asdict(method), "balance_search": True, "alternating": 0})
     errors = {}
     for d in budget_candidates(source=src, budget=budget):
-        plan = make_plan(source=src, rank=budget - d, rope_dim=d, rope_stride=rope_stride, dtype=dtype)
-        if rope_stride is None and src.rope["rope_type"] == "default":
+        plan = make_plan(source=src, rank=budget - d, rope_dim=d, rope_stride=rope_stride, dtype=first.dtype,
+                         rope_scaling=_scaling(first))
+        if rope_stride is None and plan.rope_type == "default":
             plan, _ = _stride_plan(src, plan, calibs, method)
         errs = []
         for i in layers:

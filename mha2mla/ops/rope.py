@@ -17,12 +17,15 @@ Output rows of the rope part are interleaved, ``(Re_0, Im_0, Re_1, Im_1, …)``,
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mha2mla.ops.shapes import kv_group
 
 __all__ = [
     "kept_frequencies",
+    "unscaled_frequencies",
     "rope_theta_for_stride",
     "key_planes",
     "principal_mix",
@@ -50,6 +53,29 @@ def kept_frequencies(*, head_dim: int, rope_dim: int, stride: int | None = None)
     if not 1 <= stride <= max_stride:
         raise ValueError(f"rope stride must be in 1..{max_stride} for head_dim {head_dim} and rope dim {rope_dim}, got {stride}")
     return torch.arange(rope_dim // 2) * stride
+
+
+def unscaled_frequencies(*, rope: dict, head_dim: int) -> torch.Tensor:
+    """``[head_dim/2]`` bool: which source frequencies the rope type's scaling leaves at ``θ^(-2j/head_dim)``.
+
+    ``default``: all of them. ``llama3``: those whose wavelength ``2π/ω_j`` is below
+    ``original_max_position_embeddings / high_freq_factor`` (the scaling divides the slow ones by ``factor`` and blends
+    the ones between). Any other type (``linear`` scales every frequency): none.
+
+    Args:
+        rope: the source's rope parameters (``rope_type``, ``rope_theta`` and the type's keys).
+        head_dim: source head dimension.
+    """
+    half = head_dim // 2
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return torch.ones(half, dtype=torch.bool)
+    if kind != "llama3":
+        return torch.zeros(half, dtype=torch.bool)
+    theta = float(rope.get("rope_theta", 10000.0))
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / head_dim)
+    high_freq_wavelen = float(rope["original_max_position_embeddings"]) / float(rope["high_freq_factor"])
+    return 2 * math.pi / inv_freq < high_freq_wavelen
 
 
 def validate_rope_dim(*, head_dim: int, rope_dim: int) -> None:

@@ -26,6 +26,9 @@ class ConversionPlan:
         residual_scale: ``sqrt(1e-6 / source eps)``, applied to the residual stream so ``rms_norm_eps`` can be 1e-6.
         tie_embeddings: the target ties ``lm_head`` to the embedding (only if the source does and no rescale is needed).
         dtype: output dtype name.
+        rope_type: the target's rope type: ``default``, or the source's scaled type carried over (``--rope-scaling keep``).
+        rope_zero: kept planes ``m`` written as zero rows (their source frequency ``stride·m`` is one the source's rope
+            scaling changes, so a ``default`` target cannot rotate it right; it joins the no-RoPE part).
     """
 
     rank: int
@@ -42,6 +45,8 @@ class ConversionPlan:
     residual_scale: float
     tie_embeddings: bool
     dtype: str
+    rope_type: str = "default"
+    rope_zero: tuple[int, ...] = ()
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -60,7 +65,7 @@ class ConversionPlan:
         return max_rank(n_kv=self.n_kv, head_dim=self.head_dim, hidden=self.hidden)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "rope_zero": list(self.rope_zero)}  # (as JSON reads it back)
 
 
 def max_rank(*, n_kv: int, head_dim: int, hidden: int) -> int:

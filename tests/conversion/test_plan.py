@@ -44,7 +44,7 @@ def test_rope_dim_and_stride_are_refused_with_their_ranges(tiny_source):
 def test_a_stride_that_changes_theta_needs_the_default_rope_type(tiny_source):
     src = load_source(tiny_source(n_kv=2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}))
     with pytest.raises(Mha2mlaError, match="--rope-stride 1 changes θ, which is only exact for rope type 'default' "
-                                           "\\(this source: 'linear'\\); use the default stride 2"):
+                                           "\\(this source: .linear., its scaling kept\\); use the default stride 2"):
         make_plan(source=src, rank=8, rope_dim=8, rope_stride=1)
     plan = make_plan(source=src, rank=8, rope_dim=8, rope_stride=2)  # the default stride keeps θ: fine
     assert (plan.rope_stride, plan.rope_theta) == (2, 1e4)
