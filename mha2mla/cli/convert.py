@@ -22,6 +22,10 @@ from mha2mla.serve.targets import SERVE_TARGETS
               help="A llama3/linear rope source: portable = a default rope of only the frequencies its scaling leaves "
                    "unchanged (served as written by vLLM/SGLang); keep = its scaling carried over (exact in transformers; "
                    "vLLM/SGLang rewrite it to DeepSeek YaRN); auto = portable where possible.")
+@click.option("--biases", type=click.Choice(["auto", "absorb", "keep"]), default="auto", show_default=True,
+              help="A source with attention biases (Qwen2): absorb = bias-free projections fitted on --calibration data "
+                   "(vLLM/SGLang drop attention biases); keep = biases carried (exact, transformers only); auto = absorb "
+                   "when calibrated.")
 @click.option("--calibration", default=None, help="Calibration text: .txt/.jsonl file, directory, or hf:DATASET.")
 @click.option("--calibration-samples", type=int, default=48, show_default=True, help="Calibration sequences.")
 @click.option("--calibration-length", type=int, default=512, show_default=True,
@@ -43,7 +47,7 @@ from mha2mla.serve.targets import SERVE_TARGETS
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, rope_scaling, calibration, calibration_samples, calibration_length,
+def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, rope_scaling, biases, calibration, calibration_samples, calibration_length,
                 device, dtype, max_shard_size, keep_mlp, mlp_dtype, method_spec, report, serve, force, quiet):
     """Convert SOURCE (HF directory, hub id or .gguf file) into a native DeepseekV3 MLA checkpoint."""
     from mha2mla.conversion.options import Method
@@ -62,7 +66,7 @@ def convert_cmd(source, output, rank, kv_budget, rope_dim, rope_stride, rope_sca
 
         convert = functools.partial(convert_for_serving, serve=serve)
     res = convert(method=method, source=source, output=output, rank=rank, kv_budget=kv_budget, rope_dim=rope_dim, rope_stride=rope_stride,
-                  rope_scaling=rope_scaling, calibration=calibration, calibration_samples=calibration_samples,
+                  rope_scaling=rope_scaling, biases=biases, calibration=calibration, calibration_samples=calibration_samples,
                   calibration_length=calibration_length, dtype=dtype, force=force, max_shard_size=max_shard_size,
                   report=report, device=device, progress=not quiet)
     kv = res.record["kv_cache"]

@@ -11,8 +11,10 @@ Target (DeepseekV3 attention, ``q_lora_rank=None``)::
     k_rope   = shared rope key                             (kv_a_proj_with_mqa last D rows; one head)
     k_nope,h = W_upK,g(h) c      v_h = W_upV,g(h) c        (kv_b_proj, repeated across the heads of a group)
 
-Biases: the no-RoPE part of a key bias adds a per-query constant to the scores and drops exactly; a value bias passes
-to the output as ``W_o b_v`` (softmax weights sum to 1); the rope part of a key bias rides on
+Biases: the no-RoPE part of a key bias adds a per-query constant to the scores and drops exactly. Calibrated (the
+default, ``plan.attention_bias`` false), the query rows, the shared rope key and the values absorb theirs by least
+squares on the layer's inputs (:func:`_absorb_biases`; engines drop attention biases). Kept (``--biases keep``): a
+value bias passes to the output as ``W_o b_v`` (softmax weights sum to 1); the rope part of a key bias rides on
 ``kv_a_proj_with_mqa.bias``; a query bias needs ``q_a_proj`` (``q_lora_rank = hidden``, ``q_a_proj = α·I`` with the
 bias pre-image, ``q_a_layernorm`` made linear, ``q_b_proj`` = the query rows).
 """
@@ -26,7 +28,7 @@ import torch
 
 from mha2mla.conversion.options import Method
 from mha2mla.conversion.stream import LayerCalibration
-from mha2mla.ops.factorize import balance_weight, factorize_latent, fit_up, linear_norm_scale, refine_latent, sqrtm_psd, cholesky_root
+from mha2mla.ops.factorize import absorb_bias, balance_weight, factorize_latent, fit_up, linear_norm_scale, refine_latent, sqrtm_psd, cholesky_root
 from mha2mla.ops.shapes import TARGET_EPS, ConversionPlan, kv_group
 from mha2mla.ops.attention import mla_output, relative_output_error, source_attention, source_output_from_heads
 from mha2mla.ops.rope import expected_rotation, key_planes, kept_frequencies, principal_mix, scale_planes, split_rope
@@ -165,6 +167,9 @@ def convert_attention(
         zero = torch.tensor(plan.rope_zero)
         w_mix, c_mix = w_mix.index_fill(0, zero, 0), c_mix.index_fill(0, zero, 0)
     q_rope, k_rope, k_nope = split_rope(q=q, k=k, freqs=freqs, w=w_mix, c=c_mix)
+    source_weights = weights
+    if not plan.attention_bias and any(b is not None for b in (weights.q_bias, weights.k_bias, weights.v_bias)):
+        q_nope, q_rope, k_rope, weights = _absorb_biases(weights, q_nope, q_rope, k_rope, calib, method)
     half = hd // 2
     kept_energy = float(planes.abs().pow(2).sum())
     res_energy = float(k_nope[:, freqs, :hidden].pow(2).sum() + k_nope[:, freqs + half, :hidden].pow(2).sum())
@@ -180,7 +185,7 @@ def convert_attention(
             root = sqrtm_psd if k_rows.dtype == torch.float64 else cholesky_root
             factor_kw["input_sqrt_cov"] = root(_key_sigma(calib, method)[:-1, :-1].to(k_rows.dtype))
         if method.output_weighted:
-            sig_q = calib.sigma.to(q.dtype) if q.shape[-1] == hidden + 1 else sig_x
+            sig_q = calib.sigma.to(q.dtype) if q_nope.shape[-1] == hidden + 1 else sig_x
             qn = q_nope.reshape(n_h, hd, -1)
             cq = torch.einsum("hai,ij,hbj->hab", qn, sig_q, qn)
             factor_kw["left_k"] = sqrtm_psd(torch.zeros(n_kv, hd, hd, dtype=cq.dtype).index_add_(0, group, cq))
@@ -223,10 +228,12 @@ def convert_attention(
         x = calib.x_sample.float()
         pos = torch.arange(x.shape[1], dtype=torch.float32)[:, None]
         heads = calib.head_outputs[0] if calib.head_outputs else None
+        src32 = w32 if source_weights is weights else AttentionWeights(
+            **{k: None if v is None else v.float() for k, v in vars(source_weights).items()})
         if heads is not None and heads.shape[0] >= x.shape[0]:  # the statistics' source heads on the same inputs
-            ref = source_output_from_heads(weights=w32, heads=heads[: x.shape[0]].cpu().float())
+            ref = source_output_from_heads(weights=src32, heads=heads[: x.shape[0]].cpu().float())
         else:
-            ref = source_attention(weights=w32, x=x, angles=pos * calib.inv_freq.float(), n_heads=n_h, n_kv=n_kv,
+            ref = source_attention(weights=src32, x=x, angles=pos * calib.inv_freq.float(), n_heads=n_h, n_kv=n_kv,
                                    head_dim=hd)
         angles = pos * calib.inv_freq.float()[freqs]
         best = None
@@ -247,6 +254,26 @@ def convert_attention(
         singular_values=[float(x) for x in latent.singular_values], key_weight=chosen_kw, output_rel_error=out_err,
     )
     return out, stats
+
+
+def _absorb_biases(weights: AttentionWeights, q_nope: torch.Tensor, q_rope: torch.Tensor, k_rope: torch.Tensor,
+                   calib: LayerCalibration | None, method: Method):
+    """A bias-free target for a biased source (engines drop attention biases): the query rows and the shared rope key
+    absorb their biases by least squares on the calibration inputs (queries under every token's moment, the rope key
+    under the attention-weighted keys' one), the values theirs likewise (the output fit refines them on what the
+    source layer outputs); the no-RoPE key bias drops exactly (a per-query constant in the scores)."""
+    if calib is None:
+        raise ValueError("absorbing attention biases needs the layer's calibration statistics")
+    n_h, width = q_nope.shape[0], q_nope.shape[-1]
+    if width == calib.sigma.shape[0]:  # (a bias column rides along)
+        q_nope = absorb_bias(q_nope.reshape(-1, width), calib.sigma).reshape(n_h, -1, width - 1)
+        q_rope = absorb_bias(q_rope.reshape(-1, width), calib.sigma).reshape(n_h, -1, width - 1)
+    if k_rope.shape[-1] == calib.sigma.shape[0]:
+        k_rope = absorb_bias(k_rope, _key_sigma(calib, method))
+    v = weights.v
+    if weights.v_bias is not None:
+        v = absorb_bias(torch.cat((v, weights.v_bias[:, None]), dim=1), calib.sigma)
+    return q_nope, q_rope, k_rope, AttentionWeights(q=weights.q, k=weights.k, v=v, o=weights.o, o_bias=weights.o_bias)
 
 
 def _assemble(*, plan: ConversionPlan, weights: AttentionWeights, latent, q_nope: torch.Tensor, q_rope: torch.Tensor,

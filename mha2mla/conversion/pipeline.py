@@ -52,6 +52,7 @@ def convert(
     kv_budget: int | None = None,
     rope_stride: int | None = None,
     rope_scaling: str = "auto",
+    biases: str = "auto",
     calibration: str | list[str] | None = None,
     calibration_samples: int = 48,
     calibration_length: int = 512,
@@ -76,6 +77,9 @@ def convert(
         rope_scaling: for a ``llama3``/``linear`` rope source: ``portable`` (a ``default`` target rope of the
             frequencies the scaling leaves unchanged, the others' planes zero), ``keep`` (the scaling carried over:
             exact in transformers, rewritten by vLLM/SGLang), ``auto`` (portable where possible).
+        biases: for a source with attention biases (Qwen2): ``absorb`` (bias-free projections fitted on the calibration
+            data; vLLM and SGLang drop attention biases), ``keep`` (exact, transformers only), ``auto`` (absorb when
+            calibrated).
         calibration: calibration text (file, JSONL, directory, dataset, or a list of documents); ``None`` converts
             data-free.
         calibration_samples: number of calibration sequences.
@@ -105,7 +109,7 @@ def convert(
     protect = _protected(src, calibration)
     check_output_path(output, force=force, protect=protect)  # up front: refuse before any expensive work
     plan = first_plan(source=src, rank=rank, rope_dim=rope_dim, kv_budget=kv_budget, rope_stride=rope_stride, dtype=dtype,
-                      rope_scaling=rope_scaling)
+                      rope_scaling=rope_scaling, biases=biases, calibrated=calibration is not None)
     method, schedule, calib, stream, policy, long = method or Method(), Schedule(plan), None, None, None, None
     if calibration is not None:
         keep_freed_memory()  # the calibration loops reuse large activations (mha2mla.allocator; process-wide)
@@ -140,7 +144,7 @@ def convert(
         del stream, long
         calib_record = None if calib is None else _calibration_record(calib, schedule, policy, method, time.time() - t0)
         record = _finish(tmp, writer, src, plan, stats, report, calibration=calib_record, options={
-            "kv_budget": kv_budget, "rope_scaling": rope_scaling, "calibration": _describe(calibration),
+            "kv_budget": kv_budget, "rope_scaling": rope_scaling, "biases": biases, "calibration": _describe(calibration),
             "max_shard_size": str(max_shard_size)})
     return ConversionResult(output=os.fspath(output), plan=plan, layers=stats, record=record, seconds=time.time() - t0)
 
@@ -232,9 +236,11 @@ def _calibration_record(calib: CalibrationSet, schedule: Schedule, policy: Polic
 def _finish(tmp: str, writer: ShardWriter, src: SourceModel, plan: ConversionPlan, stats: list[LayerStats],
             report: bool, *, calibration: dict | None, options: dict) -> dict:
     """Close the shards, write the config, tokenizer, record and model card (and the report); return the record.
-    ``options``: the user's options that the plan does not hold (kv_budget, rope_scaling, calibration, max_shard_size)."""
+    ``options``: the user's options that the plan does not hold (kv_budget, rope_scaling, biases, calibration,
+    max_shard_size)."""
     options = {"rank": plan.rank, "kv_budget": options["kv_budget"], "rope_dim": plan.rope_dim,
-               "rope_stride": plan.rope_stride, "rope_scaling": options["rope_scaling"], "calibration": options["calibration"], "dtype": plan.dtype,
+               "rope_stride": plan.rope_stride, "rope_scaling": options["rope_scaling"],
+               "biases": options["biases"], "calibration": options["calibration"], "dtype": plan.dtype,
                "max_shard_size": options["max_shard_size"]}
     names = writer.close()
     config = deepseek_v3_config(source=src, plan=plan)

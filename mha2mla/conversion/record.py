@@ -112,7 +112,7 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
 
 ## What was done
 - Decoupled RoPE: {plan['rope_dim']} rope dimensions (every {plan['rope_stride']}-th source frequency, θ = {plan['rope_theta']:g}),
-  shared by all heads; the rest of each key lost its rotation.{_rope_line(record)}
+  shared by all heads; the rest of each key lost its rotation.{_rope_line(record)}{_bias_line(record)}
 - Keys (no-RoPE part) and values of all KV heads factorised jointly into a {plan['rank']}-dim latent
   ({'calibrated on ' + str(record['options'].get('calibration')) if record['options'].get('calibration') else 'data-free truncated SVD'}).
   Mean relative error: keys {record['mean_k_rel_error']:.4f}, values {record['mean_v_rel_error']:.4f}.{_fit_line(record)}
@@ -190,6 +190,18 @@ def _rope_line(record: dict) -> str:
             f"\n  rotates only frequencies the scaling leaves unchanged, exactly as the source does"
             + (f"; {len(zero)} of its {plan['rope_dim'] // 2} planes carry nothing (their source frequency is scaled)."
                if zero else "."))
+
+
+def _bias_line(record: dict) -> str:
+    """The card's note on a source with attention biases: kept, or absorbed into bias-free projections."""
+    biases = record["source"].get("attention_biases") or []
+    if not biases:
+        return ""
+    if record["plan"]["attention_bias"]:
+        return (f"\n- The source's attention biases ({', '.join(biases)}) are carried over: exact in transformers; vLLM and"
+                f"\n  SGLang build DeepSeek attention without biases.")
+    return (f"\n- The source's attention biases ({', '.join(biases)}) are absorbed into bias-free projections: the no-RoPE"
+            f"\n  key bias drops exactly (a constant per query), the others are fitted on the calibration data.")
 
 
 def _saving_line(kv: dict) -> str:

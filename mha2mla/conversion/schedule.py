@@ -50,19 +50,21 @@ def budget_candidates(*, source: SourceModel, budget: int) -> list[int]:
 
 
 def first_plan(*, source: SourceModel, rank: int | None, rope_dim: int | None, kv_budget: int | None,
-               rope_stride: int | None, dtype: str, rope_scaling: str = "auto") -> ConversionPlan:
+               rope_stride: int | None, dtype: str, rope_scaling: str = "auto", biases: str = "auto",
+               calibrated: bool = False) -> ConversionPlan:
     """The plan as asked, validated before any data is read (for ``kv_budget``, its middle candidate split)."""
     if kv_budget is not None:
         dims = budget_candidates(source=source, budget=kv_budget)
         rope_dim = dims[len(dims) // 2]
         rank = kv_budget - rope_dim
     return make_plan(source=source, rank=rank, rope_dim=rope_dim, rope_stride=rope_stride, dtype=dtype,
-                     rope_scaling=rope_scaling)
+                     rope_scaling=rope_scaling, biases=biases, calibrated=calibrated)
 
 
-def _scaling(plan: ConversionPlan) -> str:
-    """The ``rope_scaling`` mode that re-plans to ``plan``'s rope type (for a default source either gives the same)."""
-    return "portable" if plan.rope_type == "default" else "keep"
+def _choices(plan: ConversionPlan) -> dict:
+    """The ``make_plan`` modes that re-plan to ``plan``'s rope type and biases (at another stride or split)."""
+    return {"rope_scaling": "portable" if plan.rope_type == "default" else "keep",
+            "biases": "keep" if plan.attention_bias else "absorb", "calibrated": True}
 
 
 def choose_rope_stride(*, scores: torch.Tensor, head_dim: int, rope_dim: int) -> tuple[int, dict[int, float]]:
@@ -113,7 +115,7 @@ def _stride_plan(src: SourceModel, plan: ConversionPlan, calibs: list, method: M
     scores = scores * unscaled_frequencies(rope=src.rope, head_dim=plan.head_dim).to(scores.dtype)
     stride, shares = choose_rope_stride(scores=scores, head_dim=plan.head_dim, rope_dim=plan.rope_dim)
     return make_plan(source=src, rank=plan.rank, rope_dim=plan.rope_dim, rope_stride=stride, dtype=plan.dtype,
-                     rope_scaling=_scaling(plan)), shares
+                     **_choices(plan)), shares
 
 
 def _best_split(src: SourceModel, calibs: list, method: Method, budget: int, rope_stride: int | None,
@@ -125,7 +127,7 @@ def _best_split(src: SourceModel, calibs: list, method: Method, budget: int, rop
     errors = {}
     for d in budget_candidates(source=src, budget=budget):
         plan = make_plan(source=src, rank=budget - d, rope_dim=d, rope_stride=rope_stride, dtype=first.dtype,
-                         rope_scaling=_scaling(first))
+                         **_choices(first))
         if rope_stride is None and plan.rope_type == "default":
             plan, _ = _stride_plan(src, plan, calibs, method)
         errs = []

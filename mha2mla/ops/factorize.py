@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LatentFactors", "factorize_latent", "refine_latent", "fit_up", "balance_weight", "svd_via_gram", "truncated_svd",
+__all__ = ["absorb_bias", "LatentFactors", "factorize_latent", "refine_latent", "fit_up", "balance_weight", "svd_via_gram", "truncated_svd",
            "linear_norm_scale", "sqrtm_psd", "cholesky_root"]
 
 # Up to this many columns/rows an exact SVD is cheap; above it a randomised SVD with power iterations is used.
@@ -255,6 +255,16 @@ def fit_up(rows: torch.Tensor, down: torch.Tensor, sigma: torch.Tensor, ridge: f
     gram = a_s @ down.T
     gram = gram + ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype)
     return torch.linalg.solve(gram, (rows @ a_s.transpose(-1, -2)).transpose(-1, -2)).transpose(-1, -2)
+
+
+def absorb_bias(rows: torch.Tensor, sigma: torch.Tensor, ridge: float = 1e-9) -> torch.Tensor:
+    """Bias-free rows ``W'`` closest to affine ones in the mean square: ``min E‖W'x − (Wx + b)‖²`` for ``[x;1]`` with
+    second moment ``sigma``, i.e. ``W' = [W b] Σ[:, :d] Σ_dd⁻¹`` (``rows [n, d+1]`` = ``[W b]``, ``sigma [d+1, d+1]``;
+    a relative ``ridge`` keeps the solve defined). The part of ``b`` along the inputs' mean direction is kept; a bias of
+    zero returns ``W``."""
+    s = sigma[:-1, :-1]
+    s = s + ridge * s.diagonal().mean() * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+    return torch.linalg.solve(s, (rows.to(s.dtype) @ sigma[:, :-1]).T).T.to(rows.dtype)
 
 
 def _ridge_inverse(m: torch.Tensor, ridge: float = 1e-9) -> torch.Tensor:

@@ -21,8 +21,9 @@ class ConversionPlan:
         rope_dim: ``qk_rope_head_dim`` (D).
         rope_stride: keep source frequencies ``stride·m`` (``head_dim/D`` keeps θ unchanged).
         rope_theta: θ of the target's standard schedule at ``rope_dim``.
-        q_lora_rank: ``None`` (plain ``q_proj``), or ``hidden`` when a query bias must be carried through ``q_a_proj``.
-        attention_bias: whether the target has attention biases (any source attention bias).
+        q_lora_rank: ``None`` (plain ``q_proj``), or ``hidden`` when a kept query bias is carried through ``q_a_proj``.
+        attention_bias: whether the target has attention biases (a biased source converted with ``--biases keep``, or
+            data-free); a biased source's biases are otherwise absorbed into the calibrated bias-free projections.
         residual_scale: ``sqrt(1e-6 / source eps)``, applied to the residual stream so ``rms_norm_eps`` can be 1e-6.
         tie_embeddings: the target ties ``lm_head`` to the embedding (only if the source does and no rescale is needed).
         dtype: output dtype name.

@@ -83,7 +83,7 @@ def test_output_fit_keeps_a_biased_full_rank_conversion_exact(tiny_source, tmp_p
     corpus = tmp_path / "c.txt"
     corpus.write_text(CORPUS * 20)
     res = mha2mla.convert(source=src, output=str(tmp_path / "q"), rank=16, rope_dim=16, progress=False, dtype="float32",
-                          calibration=str(corpus), calibration_samples=4, calibration_length=32,
+                          calibration=str(corpus), calibration_samples=4, calibration_length=32, biases="keep",
                           method=Method(mlp_dtype="float32"))  # (exactness: no bfloat16 stream rounding)
     assert res.record["calibration"]["propagation"]["mlp_dtype"] == "float32"
     assert all(layer["output_fit_rel_error"] < 1e-3 for layer in res.record["layers"])

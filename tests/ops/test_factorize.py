@@ -124,3 +124,25 @@ def test_cholesky_root_of_a_singular_moment_is_ridged():
     sigma[:3, :3] = torch.eye(3, dtype=torch.float64)  # rank 3: the relative ridge keeps it factorisable
     root = cholesky_root(sigma)
     assert torch.isfinite(root).all() and (root.diagonal() > 0).all()
+
+
+def test_absorbed_bias_is_the_least_squares_bias_free_map():
+    from mha2mla.ops.factorize import absorb_bias
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 6, generator=g, dtype=torch.float64) + torch.tensor([2.0, 0, 0, -1.0, 0, 0], dtype=torch.float64)
+    x1 = torch.cat((x, torch.ones(4000, 1, dtype=torch.float64)), 1)
+    sigma = x1.T @ x1 / len(x1)
+    w, b = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    absorbed = absorb_bias(torch.cat((w, b[:, None]), 1), sigma)
+    target = x @ w.T + b
+    err = (x @ absorbed.T - target).pow(2).mean()
+    assert err < (x @ w.T - target).pow(2).mean() * 0.5  # the inputs' mean direction carries part of the bias
+    lstsq = torch.linalg.lstsq(x, target).solution.T  # the same least-squares problem, solved directly
+    assert torch.allclose(absorbed, lstsq, atol=1e-8)
+    assert torch.allclose(absorb_bias(torch.cat((w, torch.zeros(5, 1, dtype=torch.float64)), 1), sigma), w, atol=1e-10)
+    const = x.clone()
+    const[:, 0] = 3.0  # an input that is constant carries the bias exactly
+    c1 = torch.cat((const, torch.ones(4000, 1, dtype=torch.float64)), 1)
+    exact = absorb_bias(torch.cat((w, b[:, None]), 1), c1.T @ c1 / len(c1), ridge=0.0)
+    assert torch.allclose(const @ exact.T, const @ w.T + b, atol=1e-8)
