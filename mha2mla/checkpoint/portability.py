@@ -1,12 +1,14 @@
 """Will a DeepseekV3 checkpoint run unchanged in vLLM and SGLang? (pure: a config dict and tensor names, no I/O)
 
-What their DeepSeek-V2/V3 loaders accept, read from their model code (see MLA-FORMAT.md): bias-free attention (stray
-``.bias`` tensors are skipped silently), any rope type but the default rewritten to DeepSeek YaRN, the interleaved RoPE
-layout hard-coded, ``rms_norm_eps`` used for the latent norm (transformers always uses 1e-6), MoE built for every layer
-``>= first_k_dense_replace`` when ``n_routed_experts`` is set, one KV head per query head, and ``lm_head`` never tied
-to the embedding. Re-read in vLLM 0.32.0's ``vllm/model_executor/models/deepseek_v2.py`` (``kv_a_layernorm`` built with
-``config.rms_norm_eps``; a non-default ``rope_type`` rewritten to DeepSeek YaRN; ``get_rope(..., is_neox_style=False)``;
-every attention linear ``bias=False``; a separate ``ParallelLMHead``); the SGLang rows are from MLA-FORMAT.md.
+What their DeepSeek-V2/V3 loaders accept, read from their model code: bias-free attention (stray ``.bias`` tensors are
+skipped silently), any rope type but the default rewritten to DeepSeek YaRN, ``rms_norm_eps`` used for the latent norm
+(transformers always uses 1e-6), MoE built for every layer ``>= first_k_dense_replace`` when ``n_routed_experts`` is
+set, one KV head per query head; vLLM alone hard-codes the interleaved RoPE layout and never ties ``lm_head``. Read in
+vLLM 0.32.0's ``vllm/model_executor/models/deepseek_v2.py`` (``kv_a_layernorm`` built with ``config.rms_norm_eps``; a
+non-default ``rope_type`` rewritten to DeepSeek YaRN; ``get_rope(..., is_neox_style=False)``; every attention linear
+``bias=False``; a separate ``ParallelLMHead``) and SGLang 0.5.23's ``sglang/srt/models/deepseek_v2.py`` (the same, but
+``is_neox_style = not config.rope_interleave`` and ``lm_head`` tied to the embedding with one pipeline stage;
+``models/deepseek_common/deepseek_weight_loader.py`` skips stray biases).
 
 >>> portability_blockers({"model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 2,
 ...                       "rms_norm_eps": 1e-5}, ["model.layers.0.self_attn.kv_b_proj.weight"])  # doctest: +ELLIPSIS
@@ -25,6 +27,7 @@ __all__ = ["portability_blockers", "fast_kernel_notes", "rope_type", "config_err
            "shape_errors", "EngineVerdict", "serving_verdicts", "is_portable"]
 
 ENGINES = "vLLM and SGLang"
+VLLM_ONLY = "vLLM"  # blockers SGLang (0.5.23) does not share
 PORTABLE_EPS = 1e-6
 FAST_KV_LORA_RANK, FAST_ROPE_DIM = 512, 64
 
@@ -53,37 +56,40 @@ def portability_blockers(config: dict, weight_names: Iterable[str]) -> list[str]
     Returns:
         One readable sentence per blocker; empty when the checkpoint is portable.
     """
-    names = list(weight_names)
+    return [sentence for sentence, _ in _blockers(config, list(weight_names))]
+
+
+def _blockers(config: dict, names: list[str]) -> list[tuple[str, str]]:
+    """``(sentence, which engines)`` per blocker: :data:`ENGINES` (both) or :data:`VLLM_ONLY`."""
     blockers = []
 
     model_type = config.get("model_type")
     if model_type not in ("deepseek_v3", "deepseek_v2"):
-        blockers.append(f"model_type is {model_type!r}, not 'deepseek_v3': this is not an MLA checkpoint "
-                        f"(convert it with `mha2mla convert` first)")
+        blockers.append((f"model_type is {model_type!r}, not 'deepseek_v3': this is not an MLA checkpoint "
+                         f"(convert it with `mha2mla convert` first)", ENGINES))
 
     biases = sorted(n for n in names if _ATTN_BIAS.search(n))
     if biases:
-        blockers.append(
+        blockers.append((
             f"the attention has {len(biases)} bias tensor(s) (e.g. {biases[0]}); {ENGINES} build DeepSeek attention "
-            f"without biases and skip them silently, so outputs there would differ (transformers only)"
-        )
+            f"without biases and skip them silently, so outputs there would differ (transformers only)", ENGINES))
     elif config.get("attention_bias"):
-        blockers.append(f"config.json sets attention_bias=true, so transformers adds bias parameters that the "
-                        f"checkpoint lacks and {ENGINES} never build; set it to false")
+        blockers.append((f"config.json sets attention_bias=true, so transformers adds bias parameters that the "
+                         f"checkpoint lacks and {ENGINES} never build; set it to false", ENGINES))
 
     kind = rope_type(config)
     if kind != "default":
-        blockers.append(f"rope_type is {kind!r}; {ENGINES} replace every non-default rope type with DeepSeek YaRN, "
-                        f"so positions would be encoded differently than in transformers")
+        blockers.append((f"rope_type is {kind!r}; {ENGINES} replace every non-default rope type with DeepSeek YaRN, "
+                         f"so positions would be encoded differently than in transformers", ENGINES))
 
     if config.get("rope_interleave", True) is False:
-        blockers.append(f"rope_interleave is false (rotate-half layout); {ENGINES} hard-code the interleaved layout, "
-                        f"so the rope rows of q and k would be rotated in the wrong pairs")
+        blockers.append((f"rope_interleave is false (rotate-half layout); {VLLM_ONLY} hard-codes the interleaved "
+                         f"layout, so the rope rows of q and k would be rotated in the wrong pairs", VLLM_ONLY))
 
     eps = config.get("rms_norm_eps", PORTABLE_EPS)
     if eps is None or not math.isclose(float(eps), PORTABLE_EPS, rel_tol=1e-6):
-        blockers.append(f"rms_norm_eps is {eps}, not {PORTABLE_EPS}: transformers normalises the latent with eps "
-                        f"1e-6 but {ENGINES} use rms_norm_eps, so the latent norm would differ")
+        blockers.append((f"rms_norm_eps is {eps}, not {PORTABLE_EPS}: transformers normalises the latent with eps "
+                         f"1e-6 but {ENGINES} use rms_norm_eps, so the latent norm would differ", ENGINES))
 
     n_layers = config.get("num_hidden_layers")
     first_dense = config.get("first_k_dense_replace", 0) or 0
@@ -91,33 +97,33 @@ def portability_blockers(config: dict, weight_names: Iterable[str]) -> list[str]
         moe_layers = {int(m.group(1)) for n in names if ".mlp.experts." in n and (m := _LAYER.search(n))}
         missing = [i for i in range(first_dense, n_layers) if i not in moe_layers]
         if missing:
-            blockers.append(
+            blockers.append((
                 f"first_k_dense_replace is {first_dense} < num_hidden_layers {n_layers}, so layers "
                 f"{_span(missing)} are built as mixture-of-experts but the checkpoint has no expert weights for them; "
-                f"set first_k_dense_replace to {n_layers}"
-            )
+                f"set first_k_dense_replace to {n_layers}", ENGINES))
 
     if config.get("tie_word_embeddings") and "lm_head.weight" not in names:
-        blockers.append(f"tie_word_embeddings is true and there is no lm_head.weight; {ENGINES} build DeepSeek's "
-                        f"lm_head untied and would leave it unloaded (`mha2mla pad` writes it untied)")
+        blockers.append((f"tie_word_embeddings is true and there is no lm_head.weight; {VLLM_ONLY} builds DeepSeek's "
+                         f"lm_head untied and would leave it unloaded (`mha2mla pad` writes it untied)", VLLM_ONLY))
 
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     if kv_heads is not None and heads is not None and kv_heads != heads:
-        blockers.append(f"num_key_value_heads is {kv_heads} but num_attention_heads is {heads}; DeepSeek MLA expands "
-                        f"the latent to one K/V head per query head, so they must be equal")
+        blockers.append((f"num_key_value_heads is {kv_heads} but num_attention_heads is {heads}; DeepSeek MLA "
+                         f"expands the latent to one K/V head per query head, so they must be equal", ENGINES))
     return blockers
 
 
 def fast_kernel_notes(config: dict) -> list[str]:
-    """Shapes that run in vLLM/SGLang but miss the fast MLA kernels (not blockers)."""
+    """What the per-engine verdicts do not say: shapes that miss DeepSeek's own kernels, and engines not listed."""
     notes = []
     rank, rope = config.get("kv_lora_rank"), config.get("qk_rope_head_dim")
-    if rank is not None and rank != FAST_KV_LORA_RANK:
-        notes.append(f"kv_lora_rank is {rank}, not {FAST_KV_LORA_RANK}: FlashMLA and the other fast MLA kernels are "
-                     f"built for {FAST_KV_LORA_RANK}+{FAST_ROPE_DIM}, so engines use a slower generic MLA backend")
-    if rope is not None and rope != FAST_ROPE_DIM:
-        notes.append(f"qk_rope_head_dim is {rope}, not {FAST_ROPE_DIM}: FlashMLA and the other fast MLA kernels are "
-                     f"built for {FAST_KV_LORA_RANK}+{FAST_ROPE_DIM}, so engines use a slower generic MLA backend")
+    if (rank, rope) != (FAST_KV_LORA_RANK, FAST_ROPE_DIM) and rank is not None and rope is not None:
+        notes.append(f"kv_lora_rank + qk_rope_head_dim is {rank}+{rope}, not {FAST_KV_LORA_RANK}+{FAST_ROPE_DIM}: "
+                     f"FlashMLA and vLLM's MLA kernels are built for DeepSeek's shape (`mha2mla pad` writes it exactly); "
+                     f"SGLang's triton backend runs any shape")
+    if rope_type(config) == "default":
+        notes.append("SGLang on CPU is not listed: its CPU rope (get_rope_cpu in 0.5.23) builds DeepSeek YaRN only and "
+                     "refuses a default rope")
     return notes
 
 
@@ -262,11 +268,10 @@ def serving_verdicts(config: dict, weight_names: Iterable[str], *, as_dicts: boo
         One verdict per engine, transformers first.
     """
     names = list(weight_names)
-    blockers = portability_blockers(config, names)
+    found = _blockers(config, names)
     rank, rope = config.get("kv_lora_rank"), config.get("qk_rope_head_dim")
     nope, v = config.get("qk_nope_head_dim"), config.get("v_head_dim")
     size = (rank or 0) + (rope or 0)
-    deepseek_shape = (rank, rope, nope, v) == (512, 64, 128, 128)
     out = []
 
     mla = config.get("model_type") in ("deepseek_v3", "deepseek_v2")
@@ -274,14 +279,14 @@ def serving_verdicts(config: dict, weight_names: Iterable[str], *, as_dicts: boo
         "transformers", mla, "" if mla else "not an MLA checkpoint", "" if mla else "`mha2mla convert`",
         "models/deepseek_v3/modeling_deepseek_v3.py: the cache holds the normalised latent and the roped shared key"))
 
-    semantic = "; ".join(blockers)
-    refix = ("convert again without --rope-scaling keep (the target's rope is then `default`, of the frequencies "
-             "the llama3 scaling leaves unchanged)" if rope_type(config) == "llama3" and len(blockers) == 1
-             else "none: convert again with a portable source or options")
-
     def engine(name: str, shape_ok: bool, shape_why: str, shape_fix: str, cites: str) -> EngineVerdict:
-        if blockers:
-            return EngineVerdict(name, False, f"its outputs would differ from transformers': {semantic}", refix, cites)
+        mine = [b for b, who in found if who == ENGINES or name.startswith(who)]
+        if mine:
+            refix = ("convert again without --rope-scaling keep (the target's rope is then `default`, of the "
+                     "frequencies the llama3 scaling leaves unchanged)" if len(mine) == 1 and rope_type(config) == "llama3"
+                     else "none: convert again with a portable source or options")
+            return EngineVerdict(name, False, f"its outputs would differ from transformers': {'; '.join(mine)}", refix,
+                                 cites)
         if not shape_ok:
             return EngineVerdict(name, False, shape_why, shape_fix, cites)
         return EngineVerdict(name, True, cites=cites)
@@ -301,18 +306,34 @@ def serving_verdicts(config: dict, weight_names: Iterable[str], *, as_dicts: boo
         "docstring: the decode kernel supports head_dim 576 with v_head_dim (kv_lora_rank) 512 only)"))
     out.append(engine(
         "SGLang (triton backend)", True, "", "",
-        "sglang/srt/layers/attention/triton_backend.py (generic MLA kernels; from MLA-FORMAT.md, not re-read here)"))
+        "sglang/srt/layers/attention/triton_backend.py (0.5.23: no MLA size checks; its decode kernels pad the head "
+        "widths to powers of two)"))
+    fa3_why = _sglang_fa3_why(rank, rope, nope, v)
     out.append(engine(
-        "SGLang (FA3 backend, Hopper default)", deepseek_shape,
-        f"{rank}+{rope}, nope {nope}, v {v}: SGLang's FA3 MLA path is built for DeepSeek's 512+64 with nope = v = 128",
-        f"`--attention-backend triton`; or {PAD_FIX}",
-        "sglang/srt/layers/attention/flashattention_backend.py (from MLA-FORMAT.md, not re-read here)"))
+        "SGLang (FA3 backend, Hopper default)", not fa3_why, fa3_why, f"`--attention-backend triton`; or {PAD_FIX}",
+        "sglang/srt/layers/attention/flashattention_backend.py (0.5.23: no size checks of its own; the limits are the "
+        "FA3 kernels' run-time checks in sglang-kernel 0.4.10, read, not run; arg_groups/model_override_base.py picks "
+        "fa3 for MLA on Hopper)"))
     out.append(engine(
         "SGLang (FlashMLA backend)", rank == 512 and rope == 64,
         f"FlashMLA is built for kv_lora_rank 512 + qk_rope_head_dim 64, not {rank}+{rope}",
         f"`--attention-backend triton`; or {PAD_FIX}",
-        "sglang/srt/layers/attention/flashmla_backend.py (from MLA-FORMAT.md, not re-read here)"))
+        "sglang/srt/layers/attention/flashmla_backend.py (0.5.23; the FlashMLA kernels of sglang-kernel 0.4.10 take "
+        "a key width of 576 and a value width of 512 only)"))
     return [asdict(x) for x in out] if as_dicts else out
+
+
+def _sglang_fa3_why(rank, rope, nope, v) -> str:
+    """Why SGLang's FA3 MLA path cannot run this shape (empty: it can). Decode runs the rope part as query/key and the
+    latent as value; prefill is plain attention over ``nope + rope`` query/key widths and ``v`` value widths."""
+    if not (rope <= 64 and 256 <= rank <= 512 and rank % 8 == 0 and rope % 8 == 0):
+        return (f"kv_lora_rank {rank} + qk_rope_head_dim {rope}: SGLang's FA3 MLA decode needs a rank of 256-512 and a "
+                f"rope dim of at most 64, both multiples of 8")
+    qk = nope + rope
+    if not ((qk == v and qk <= 256) or (128 < qk <= 192 and 96 < v <= 128) or (qk <= 64 and v <= 512)):
+        return (f"query/key width {nope}+{rope} = {qk} with value width {v}: SGLang's FA3 prefill takes equal widths "
+                f"up to 256, query/key 129-192 with value 97-128, or query/key up to 64")
+    return ""
 
 
 def is_portable(verdicts: list) -> bool:

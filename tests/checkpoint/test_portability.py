@@ -37,18 +37,20 @@ VG, VC, ST, SF, SM = ("vLLM (GPU)", "vLLM (CPU)", "SGLang (triton backend)", "SG
 # head sizes and FlashAttnPrefillBackend's dims (benchmarks/serve_vllm.py --check-table asks vLLM's own classes).
 TABLE = [
     (_shape(512, 64, 128, 128), {VG, VC, ST, SF, SM}),     # DeepSeek's shape: every engine
-    (_shape(256, 64, 128, 128), {VG, ST}),                 # 320: vLLM GPU only
-    (_shape(448, 64, 128, 128), {VG, ST}),                 # 512: vLLM GPU (MLACommonBackend lists 512), not CPU
+    (_shape(256, 64, 128, 128), {VG, ST, SF}),             # 320: vLLM GPU only; FA3 decode takes ranks 256-512
+    (_shape(448, 64, 128, 128), {VG, ST, SF}),             # 512: vLLM GPU (MLACommonBackend lists 512), not CPU
     (_shape(96, 32, 64, 64), {ST}),                        # SmolLM2 96+32: only SGLang's triton backend
     (_shape(160, 32, 64, 64), {ST}),                       # SmolLM2 at the larger budget
     (_shape(512, 64, 64, 64), {VC, ST, SM}),               # 576 but nope/v 64: no GPU prefill kernel in vLLM
-    (_shape(512, 64, 64, 128), {VG, VC, ST, SM}),          # (64, 64, 128) is one of FlashAttn prefill's shapes
-    (_shape(544, 32, 128, 128), {ST}),                     # 576 but 544+32: CPU decode kernel is 512+64; GPU prefill rope 64
+    (_shape(512, 64, 64, 128), {VG, VC, ST, SF, SM}),      # (64, 64, 128) is one of FlashAttn prefill's shapes;
+                                                           # FA3 prefill: query/key 128 = value 128
+    (_shape(544, 32, 128, 128), {ST}),                     # 576 but 544+32: CPU decode kernel is 512+64; GPU prefill
+                                                           # rope 64; FA3 decode rank ≤ 512
     (_shape(512, 64, 128, 128, rms_norm_eps=1e-5), set()),  # eps mismatch: every engine but transformers differs
     (_shape(512, 64, 128, 128, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), set()),
-    (_shape(512, 64, 128, 128, rope_interleave=False), set()),
+    (_shape(512, 64, 128, 128, rope_interleave=False), {ST, SF, SM}),  # SGLang 0.5.23 reads rope_interleave
     (_shape(512, 64, 128, 128, num_key_value_heads=1), set()),
-    (_shape(512, 64, 128, 128, tie_word_embeddings=True), set()),  # vLLM's DeepseekV2ForCausalLM never ties lm_head
+    (_shape(512, 64, 128, 128, tie_word_embeddings=True), {ST, SF, SM}),  # vLLM never ties lm_head; SGLang 0.5.23 does
 ]
 
 
@@ -115,10 +117,13 @@ def test_several_blockers_are_all_reported():
 
 
 def test_fast_kernel_notes():
-    assert fast_kernel_notes({"kv_lora_rank": 512, "qk_rope_head_dim": 64}) == []
+    cpu = "SGLang on CPU is not listed: its CPU rope (get_rope_cpu in 0.5.23) builds DeepSeek YaRN only"
+    (note,) = fast_kernel_notes({"kv_lora_rank": 512, "qk_rope_head_dim": 64})
+    assert note.startswith(cpu)
     notes = fast_kernel_notes({"kv_lora_rank": 96, "qk_rope_head_dim": 32})
-    assert len(notes) == 2 and "kv_lora_rank is 96" in notes[0] and "qk_rope_head_dim is 32" in notes[1]
-    assert len(fast_kernel_notes({"kv_lora_rank": 512, "qk_rope_head_dim": 32})) == 1
+    assert len(notes) == 2 and "is 96+32, not 512+64" in notes[0] and notes[1].startswith(cpu)
+    llama3 = {"rope_parameters": {"rope_type": "llama3"}}
+    assert fast_kernel_notes({"kv_lora_rank": 512, "qk_rope_head_dim": 64, **llama3}) == []
 
 
 @pytest.mark.parametrize("config, serves", TABLE)
@@ -138,4 +143,12 @@ def test_verdicts_on_biases_and_their_fixes():
     small = {v.engine: v for v in serving_verdicts(_shape(96, 32, 64, 64), [])}
     assert "mha2mla pad" in small[VC].fix and "VLLM_MLA_DISABLE=1" in small[VC].fix
     assert "96+32" in small[VC].why
-    assert "--attention-backend triton" in small[SF].fix
+    assert "--attention-backend triton" in small[SF].fix and "rank of 256-512" in small[SF].why
+    wide = {v.engine: v for v in serving_verdicts(_shape(512, 64, 64, 64), [])}
+    assert not wide[SF].compressed and "value width 64" in wide[SF].why
+
+
+def test_vllm_only_blockers_leave_sglang_serving():
+    verdicts = {v.engine: v for v in serving_verdicts(_shape(512, 64, 128, 128, rope_interleave=False), [])}
+    assert not verdicts[VG].compressed and "vLLM hard-codes the interleaved layout" in verdicts[VG].why
+    assert verdicts[ST].compressed and verdicts[SF].compressed

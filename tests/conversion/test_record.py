@@ -38,7 +38,7 @@ def test_record_fields_of_a_calibrated_conversion(tiny_source, corpus, tmp_path)
                                 "rms_norm_eps": 1e-5, "rope": record["source"]["rope"], "attention_biases": []}
     assert record["source"]["rope"]["rope_type"] == "default"
     assert record["options"] == {"rank": 12, "kv_budget": None, "rope_dim": 8, "rope_stride": res.plan.rope_stride,
-                                 "rope_scaling": "auto", "calibration": corpus, "dtype": "float32", "max_shard_size": "30KB"}
+                                 "rope_scaling": "auto", "biases": "auto", "calibration": corpus, "dtype": "float32", "max_shard_size": "30KB"}
     assert record["plan"] == res.plan.to_dict()
     kv = record["kv_cache"]
     assert (kv["source_values_per_token_per_layer"], kv["mla_values_per_token_per_layer"]) == (64, 20)
