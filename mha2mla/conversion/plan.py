@@ -93,7 +93,8 @@ def _target_biases(source: SourceModel, mode: str, calibrated: bool) -> bool:
 def _rope_schedule(source: SourceModel, rope_dim: int, rope_stride: int | None, mode: str) -> tuple[int, str, tuple[int, ...]]:
     """``(stride, target rope type, zero planes)``. A ``default`` target keeps the planes whose source frequency is
     unscaled and zeroes the rest; without a stride given, it takes the stride that keeps the most such planes (ties:
-    the larger stride, which keeps θ at ``head_dim/D``)."""
+    the larger stride, which keeps θ at ``head_dim/D``). A kept scaling (``linear``, ``llama3``: functions of each
+    frequency alone) rotates the kept planes exactly at any stride; its default is ``head_dim/D``."""
     hd, kind = source.head_dim, source.rope["rope_type"]
     max_stride = hd // rope_dim
     if kind == "default":
@@ -107,7 +108,4 @@ def _rope_schedule(source: SourceModel, rope_dim: int, rope_stride: int | None, 
         if mode == "portable":
             raise Mha2mlaError(f"--rope-scaling portable: the source's {kind!r} rope scaling changes every frequency kept "
                                f"at stride {stride}, so a default rope reproduces none of them; use --rope-scaling keep")
-    if rope_stride is not None and int(rope_stride) != max_stride:
-        raise Mha2mlaError(f"--rope-stride {rope_stride} changes θ, which is only exact for rope type 'default' (this "
-                           f"source: {kind!r}, its scaling kept); use the default stride {max_stride}")
-    return max_stride, kind, ()
+    return (max_stride if rope_stride is None else int(rope_stride)), kind, ()

@@ -78,9 +78,9 @@ def choose_rope_stride(*, scores: torch.Tensor, head_dim: int, rope_dim: int) ->
 
 def choose_schedule(*, source: SourceModel, plan: ConversionPlan, kv_budget: int | None, rope_stride: int | None,
                     calib: CalibrationSet, method: Method, device: torch.device, progress: bool) -> Schedule:
-    """Choose the RoPE schedule (when the stride is free: not given, a ``default`` target rope) and the kv-budget split
+    """Choose the RoPE schedule (when the stride is not given) and the kv-budget split
     on a calibration pre-pass; the plan is returned unchanged when there is nothing to choose."""
-    choose_stride = rope_stride is None and plan.rope_type == "default"
+    choose_stride = rope_stride is None
     if kv_budget is None and not choose_stride:
         return Schedule(plan)
     info: dict = {}
@@ -112,7 +112,8 @@ def _stride_plan(src: SourceModel, plan: ConversionPlan, calibs: list, method: M
         sc = rope_frequency_scores(weights=attn, calib=calib, n_heads=plan.n_heads, n_kv=plan.n_kv,
                                    head_dim=plan.head_dim, method=method)
         scores = sc if scores is None else scores + sc
-    scores = scores * unscaled_frequencies(rope=src.rope, head_dim=plan.head_dim).to(scores.dtype)
+    if plan.rope_type == "default":  # (a kept scaling rotates every frequency right)
+        scores = scores * unscaled_frequencies(rope=src.rope, head_dim=plan.head_dim).to(scores.dtype)
     stride, shares = choose_rope_stride(scores=scores, head_dim=plan.head_dim, rope_dim=plan.rope_dim)
     return make_plan(source=src, rank=plan.rank, rope_dim=plan.rope_dim, rope_stride=stride, dtype=plan.dtype,
                      **_choices(plan)), shares
@@ -128,7 +129,7 @@ def _best_split(src: SourceModel, calibs: list, method: Method, budget: int, rop
     for d in budget_candidates(source=src, budget=budget):
         plan = make_plan(source=src, rank=budget - d, rope_dim=d, rope_stride=rope_stride, dtype=first.dtype,
                          **_choices(first))
-        if rope_stride is None and plan.rope_type == "default":
+        if rope_stride is None:
             plan, _ = _stride_plan(src, plan, calibs, method)
         errs = []
         for i in layers:

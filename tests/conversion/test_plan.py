@@ -41,12 +41,11 @@ def test_rope_dim_and_stride_are_refused_with_their_ranges(tiny_source):
     assert make_plan(source=src, rank=8, rope_dim=4, rope_stride=4).rope_stride == 4
 
 
-def test_a_stride_that_changes_theta_needs_the_default_rope_type(tiny_source):
+def test_a_kept_scaling_takes_any_stride(tiny_source):
     src = load_source(tiny_source(n_kv=2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}))
-    with pytest.raises(Mha2mlaError, match="--rope-stride 1 changes θ, which is only exact for rope type 'default' "
-                                           "\\(this source: .linear., its scaling kept\\); use the default stride 2"):
-        make_plan(source=src, rank=8, rope_dim=8, rope_stride=1)
-    plan = make_plan(source=src, rank=8, rope_dim=8, rope_stride=2)  # the default stride keeps θ: fine
+    plan = make_plan(source=src, rank=8, rope_dim=8, rope_stride=1)  # linear scales each frequency alone: exact
+    assert (plan.rope_stride, plan.rope_type, plan.rope_theta) == (1, "linear", pytest.approx(1e4 ** 0.5))
+    plan = make_plan(source=src, rank=8, rope_dim=8)  # the default stride keeps θ
     assert (plan.rope_stride, plan.rope_theta) == (2, 1e4)
 
 

@@ -116,6 +116,28 @@ def test_kept_scaling_is_exact_and_named_a_blocker(tiny_source, tmp_path):
     assert diff <= 1e-4, f"max |Δlogit| {diff}"
 
 
+def test_kept_scaling_at_another_stride_is_exact(tiny_source, tmp_path):
+    """Stride 1 at D = 8 keeps j = 0..3 (θ' = θ^½) and the llama3 scaling (kept) changes j = 3 as the source's does:
+    exact on a source that attends through those planes only."""
+    from transformers import AutoModelForCausalLM
+
+    src = _source(tiny_source)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    rows = torch.tensor([j + half for j in range(4, 8) for half in (0, 8)])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj, heads in ((layer.self_attn.q_proj, 4), (layer.self_attn.k_proj, 1)):
+                proj.weight.view(heads, 16, -1)[:, rows] = 0
+    model.save_pretrained(src)
+    out = tmp_path / "kept1"
+    res = mha2mla.convert(source=src, output=str(out), rank=16, rope_dim=8, rope_stride=1, rope_scaling="keep",
+                          dtype="float32", progress=False)
+    assert (res.plan.rope_stride, res.plan.rope_type) == (1, "llama3")
+    ids = token_ids(length=40)
+    diff = (logits(src, ids) - logits(str(out), ids)).abs().max().item()
+    assert diff <= 1e-4, f"max |Δlogit| {diff}"
+
+
 def test_calibrated_stride_choice_counts_only_unscaled_frequencies(tiny_source, tmp_path, corpus):
     src = _source(tiny_source, layers=1)
     out = tmp_path / "calibrated"
