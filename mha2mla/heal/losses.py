@@ -232,8 +232,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_ce, _g_kd):
         g_h, g_w = ctx.saved_tensors
-        g_h = None if g_h is None else g_h * g_loss.to(g_h.dtype)
-        g_w = None if g_w is None else g_w * g_loss.to(g_w.dtype)
+        # in place: the gradients were made for this backward alone, and a head-sized copy would add to the peak
+        g_h = None if g_h is None else g_h.mul_(g_loss.to(g_h.dtype))
+        g_w = None if g_w is None else g_w.mul_(g_loss.to(g_w.dtype))
         return g_h, g_w, None, None, None, None, None, None, None
 
 
