@@ -219,7 +219,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 del p
                 if need_h:
                     g_h[s : s + chunk] = dz.to(w.dtype) @ w if w is not None else dz
-                if need_w:
+                if need_w and hc.dtype == g_w.dtype:  # accumulated in place: no head-sized product per chunk
+                    g_w.addmm_(dz.t(), hc)
+                elif need_w:  # (bf16 hidden states: the product in their precision, as autocast would)
                     g_w.add_(dz.t().to(hc.dtype) @ hc)
             del z, dz
         ce = ce_sum / n
