@@ -18,6 +18,8 @@ Steps (``--steps``, default all):
   float32 and compared with transformers: greedy tokens (16 prompts × 32 tokens) and max |Δ prompt logprob|, with only
   the rope op off (``["all", "-rotary_embedding"]``, the verified setting), and on the tiny model (and SmolLM2 96+32)
   also with every custom op off (``["none"]``) or vLLM's defaults.
+  ``--extra LABEL=DIR`` serves other conversions too (padded here), e.g. ``benchmarks/portable.py``'s bias-absorbed
+  Qwen2 and default-rope llama3 proxies.
 - ``capacity``: a random Llama with a wide cache (4 layers, hidden 2048, 16 MHA heads × 128) and its data-free 512+64
   conversion: vLLM's KV-cache capacity in tokens for ``VLLM_CPU_KVCACHE_SPACE`` GiB and decode throughput.
 """
@@ -263,7 +265,8 @@ def convert_cli(args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "mha2mla", "convert", *args, "-q"], check=True)
 
 
-def step_agree(py: str, workdir: str, smollm: str, which: set[str], previous: list | None = None) -> dict:
+def step_agree(py: str, workdir: str, smollm: str, which: set[str], previous: list | None = None,
+               extra: dict[str, str] | None = None) -> dict:
     import mha2mla
     from mha2mla.serve.pad import pad_checkpoint
 
@@ -279,6 +282,11 @@ def step_agree(py: str, workdir: str, smollm: str, which: set[str], previous: li
                          "--serve", "vllm"])
         how = "calibrated" if calibrated else "data-free"
         models[f"SmolLM2-135M {rank}+32 ({how}) → 512+64"] = (out, smollm_prompts(smollm))
+    for label, path in (extra or {}).items():  # conversions made elsewhere (benchmarks/portable.py), padded here
+        padded = os.path.join(workdir, os.path.basename(os.path.normpath(path)) + "-vllm")
+        if not os.path.exists(os.path.join(padded, "mha2mla.json")):
+            pad_checkpoint(source=path, output=padded)
+        models[f"{label} → 512+64"] = (padded, smollm_prompts(path))
     if "mqa" not in which:
         return _merge_rows(previous, models, py=py, workdir=workdir)
     src = build_random_llama(os.path.join(workdir, "mqa-src"), hidden=64, heads=4, kv=1, head_dim=16, layers=2,
@@ -299,8 +307,8 @@ def _merge_rows(previous: list | None, models: dict, *, py: str, workdir: str) -
     for label, (path, prompts) in models.items():
         ref = transformers_reference(path, prompts, NEW_TOKENS)
         # every setting on the tiny model; the verified one (and the defaults, on 96+32) on SmolLM2
-        settings = OP_SETTINGS if label.startswith("tiny") else {"all_but_rope": SERVE_OPS} if "160" in label else \
-            {"all_but_rope": SERVE_OPS, "defaults": None}
+        settings = OP_SETTINGS if label.startswith("tiny") else {"all_but_rope": SERVE_OPS, "defaults": None} \
+            if label.startswith("SmolLM2-135M 96") else {"all_but_rope": SERVE_OPS}
         for setting, ops in settings.items():
             name = f"{os.path.basename(path)}-{setting}"
             got = run_job(py, workdir, name, {"kind": "generate", "model": path, "prompts": prompts,
@@ -366,6 +374,8 @@ def main() -> None:
     ap.add_argument("--kv-space-gib", type=int, default=1)
     ap.add_argument("--steps", default="rope,table,agree,capacity")
     ap.add_argument("--models", default="smollm96,smollm160,mqa", help="which models the agree step serves")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR",
+                    help="also serve this converted checkpoint (padded to 512+64 here), e.g. a portable Qwen2 conversion")
     ap.add_argument("--out", default="benchmarks/results/serve_vllm.json")
     args = ap.parse_args()
     if args.worker:
@@ -387,7 +397,8 @@ def main() -> None:
             results["table"] = step_table(py, args.workdir)
         elif step == "agree":
             results["agree"] = step_agree(py, args.workdir, args.smollm, set(args.models.split(",")),
-                                          (results.get("agree") or {}).get("rows"))
+                                          (results.get("agree") or {}).get("rows"),
+                                          dict(e.split("=", 1) for e in args.extra))
         elif step == "capacity":
             results["capacity"] = step_capacity(py, args.workdir, args.kv_space_gib)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
