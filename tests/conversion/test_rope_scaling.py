@@ -65,13 +65,13 @@ def test_a_rope_scaling_that_changes_every_frequency_is_kept_or_refused(tiny_sou
         make_plan(source=src, rank=16, rope_dim=8, rope_scaling="yarn")
 
 
-def _unscaled_only(path: str) -> str:
-    """Zero every query and key row of the planes the llama3 scaling changes (j ≥ 3), so the source attends through
-    unscaled frequencies only: then a default-rope target can be exact."""
+def _attend_through(path: str, planes: range) -> str:
+    """Zero every query and key row of the other frequency planes, so the source attends through ``planes`` only
+    (e.g. the unscaled j = 0..2): then a target that rotates those right can be exact."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    rows = torch.tensor([j + half for j in range(3, 8) for half in (0, 8)])
+    rows = torch.tensor([j + half for j in range(8) if j not in planes for half in (0, 8)])
     with torch.no_grad():
         for layer in model.model.layers:
             for proj, heads in ((layer.self_attn.q_proj, 4), (layer.self_attn.k_proj, 1)):
@@ -84,7 +84,7 @@ def _unscaled_only(path: str) -> str:
 def test_portable_target_rotates_the_unscaled_frequencies_exactly(tiny_source, tmp_path, unscaled_only):
     src = _source(tiny_source, f"src{unscaled_only}")
     if unscaled_only:
-        _unscaled_only(src)
+        _attend_through(src, range(3))
     out = tmp_path / f"mla{unscaled_only}"
     res = mha2mla.convert(source=src, output=str(out), rank=16, rope_dim=16, dtype="float32", progress=False)
     cfg = load_json(out / "config.json")
@@ -119,16 +119,7 @@ def test_kept_scaling_is_exact_and_named_a_blocker(tiny_source, tmp_path):
 def test_kept_scaling_at_another_stride_is_exact(tiny_source, tmp_path):
     """Stride 1 at D = 8 keeps j = 0..3 (θ' = θ^½) and the llama3 scaling (kept) changes j = 3 as the source's does:
     exact on a source that attends through those planes only."""
-    from transformers import AutoModelForCausalLM
-
-    src = _source(tiny_source)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    rows = torch.tensor([j + half for j in range(4, 8) for half in (0, 8)])
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj, heads in ((layer.self_attn.q_proj, 4), (layer.self_attn.k_proj, 1)):
-                proj.weight.view(heads, 16, -1)[:, rows] = 0
-    model.save_pretrained(src)
+    src = _attend_through(_source(tiny_source), range(4))
     out = tmp_path / "kept1"
     res = mha2mla.convert(source=src, output=str(out), rank=16, rope_dim=8, rope_stride=1, rope_scaling="keep",
                           dtype="float32", progress=False)
