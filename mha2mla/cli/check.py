@@ -16,7 +16,7 @@ import click
 from mha2mla.cli.common import serving_lines, user_errors
 from mha2mla.checkpoint.meta import read_checkpoint_meta, read_checkpoint_tensors
 from mha2mla.errors import Mha2mlaError
-from mha2mla.checkpoint.portability import is_portable, serving_verdicts, shape_errors
+from mha2mla.checkpoint.portability import fast_kernel_notes, is_portable, serving_verdicts, shape_errors
 
 __all__ = ["check", "read_checkpoint_meta", "read_checkpoint_tensors"]
 
@@ -29,7 +29,8 @@ def check(directory: str) -> None:
 
     Reads config.json, the index and every shard's header (no weights), checks each tensor's presence and shape
     against the config, then prints PORTABLE (every engine below serves it compressed, with transformers' outputs) or
-    NOT PORTABLE, and one line per engine (vLLM GPU and CPU, SGLang by backend, transformers) with why not and the fix.
+    NOT PORTABLE, one line per engine (vLLM GPU and CPU, SGLang by backend, transformers) with why not and the fix,
+    and notes (fast kernels the shape misses, engines not listed).
     Exit status 0 if portable, 1 if not, 2 if DIR is not a checkpoint that loads.
     """
 
@@ -46,4 +47,6 @@ def check(directory: str) -> None:
     click.echo("PORTABLE" if portable else "NOT PORTABLE: not every engine serves it with a compressed cache")
     for line in serving_lines(verdicts):
         click.echo(f"- {line}")
+    for note in fast_kernel_notes(config):  # (what the verdicts do not say: kernels missed, engines not listed)
+        click.echo(f"note: {note}")
     sys.exit(0 if portable else 1)

@@ -114,7 +114,10 @@ def test_check_portable_only_at_the_serving_shape(tmp_path):
     assert code == 0, out
     lines = out.splitlines()
     assert lines[0] == "PORTABLE"
-    assert all(line.endswith("yes, compressed cache") for line in lines[1:]) and len(lines) == 7
+    engines = [line for line in lines if line.startswith("- ")]
+    assert all(line.endswith("yes, compressed cache") for line in engines) and len(engines) == 6
+    assert lines[7:] == ["note: SGLang on CPU is not listed: its CPU rope (get_rope_cpu in 0.5.23) builds DeepSeek YaRN "
+                         "only and refuses a default rope"]
 
     code, out = _run(save_small_mla(tmp_path / "small"))
     assert code == 1, out
@@ -122,6 +125,7 @@ def test_check_portable_only_at_the_serving_shape(tmp_path):
     assert "- vLLM (CPU): no: kv_lora_rank + qk_rope_head_dim is 16+8;" in out
     assert "- transformers: yes, compressed cache" in out
     assert "- SGLang (triton backend): yes, compressed cache" in out
+    assert "note: kv_lora_rank + qk_rope_head_dim is 16+8, not 512+64" in out
 
 
 def test_check_blocked_dir(tmp_path):
