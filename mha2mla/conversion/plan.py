@@ -97,15 +97,15 @@ def _rope_schedule(source: SourceModel, rope_dim: int, rope_stride: int | None, 
     frequency alone) rotates the kept planes exactly at any stride; its default is ``head_dim/D``."""
     hd, kind = source.head_dim, source.rope["rope_type"]
     max_stride = hd // rope_dim
-    if kind == "default":
-        return (max_stride if rope_stride is None else int(rope_stride)), "default", ()
+    given = max_stride if rope_stride is None else int(rope_stride)
+    if kind == "default" or mode == "keep":
+        return given, kind, ()
     unchanged = unscaled_frequencies(rope=source.rope, head_dim=hd)
     kept = {s: unchanged[kept_frequencies(head_dim=hd, rope_dim=rope_dim, stride=s)] for s in range(1, max_stride + 1)}
-    if mode != "keep":
-        stride = max(kept, key=lambda s: (int(kept[s].sum()), s)) if rope_stride is None else int(rope_stride)
-        if kept[stride].any():
-            return stride, "default", tuple(int(m) for m in torch.nonzero(~kept[stride]).flatten())
-        if mode == "portable":
-            raise Mha2mlaError(f"--rope-scaling portable: the source's {kind!r} rope scaling changes every frequency kept "
-                               f"at stride {stride}, so a default rope reproduces none of them; use --rope-scaling keep")
-    return (max_stride if rope_stride is None else int(rope_stride)), kind, ()
+    stride = max(kept, key=lambda s: (int(kept[s].sum()), s)) if rope_stride is None else given
+    if kept[stride].any():
+        return stride, "default", tuple(int(m) for m in torch.nonzero(~kept[stride]).flatten())
+    if mode == "portable":
+        raise Mha2mlaError(f"--rope-scaling portable: the source's {kind!r} rope scaling changes every frequency kept "
+                           f"at stride {stride}, so a default rope reproduces none of them; use --rope-scaling keep")
+    return given, kind, ()
