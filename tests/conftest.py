@@ -298,9 +298,10 @@ def heal_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
-def tiny_mla(path, *, seed: int = 0, vocab_extra: int = 0) -> str:
+def tiny_mla(path, *, seed: int = 0, vocab_extra: int = 0, tied_scale: float | None = None) -> str:
     """A random tiny DeepseekV3 with the converter's linear latent norm (latent rows × α, norm weight sqrt(eps)/α),
-    its tokenizer, a model card and a record: it looks converted."""
+    its tokenizer, a model card and a record: it looks converted. With ``tied_scale`` s it looks converted from a
+    tied source: the embedding is s × the head and the record's residual scale is s."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     alpha, eps, rank = TINY_MLA_ALPHA, TINY_MLA_EPS, TINY_MLA_RANK
@@ -319,12 +320,15 @@ def tiny_mla(path, *, seed: int = 0, vocab_extra: int = 0) -> str:
         for layer in model.model.layers:
             layer.self_attn.kv_a_proj_with_mqa.weight[:rank] *= alpha
             layer.self_attn.kv_a_layernorm.weight.fill_(math.sqrt(eps) / alpha)
+        if tied_scale is not None:
+            model.model.embed_tokens.weight.copy_(model.lm_head.weight * tied_scale)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     with open(os.path.join(path, "README.md"), "w") as f:
         f.write("# tiny converted model\n")
     with open(os.path.join(path, "mha2mla.json"), "w") as f:
-        json.dump({"format": "test", "options": {"rank": rank}}, f)
+        record = {"format": "test", "options": {"rank": rank}}
+        json.dump(record if tied_scale is None else {**record, "plan": {"residual_scale": tied_scale}}, f)
     return str(path)
 
 

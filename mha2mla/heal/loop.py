@@ -33,7 +33,7 @@ from mha2mla.heal.files import finish_output, latest_checkpoint, model_card, rea
 from mha2mla.heal.files import prepare_tokens, write_loss_plot
 from mha2mla.heal.losses import activation_bytes, auto_loss_chunk_tokens, block_indices, chunked_lm_loss
 from mha2mla.heal.losses import measure_latent_scales, register_sdpa, select_trainable, split_head
-from mha2mla.heal.losses import to_stock_state_dict, to_training_form
+from mha2mla.heal.losses import ScaledHeadEmbedding, tied_embedding_scale, to_stock_state_dict, to_training_form
 from mha2mla.heal.recipe import RESUMABLE_CHANGES, HealRecipe, load_recipe, lr_factor
 from mha2mla.checkpoint.writer import _pid_alive, check_output_path
 
@@ -118,6 +118,29 @@ def _memory_plan(rc: HealRecipe, net) -> dict:
     chunk = rc.loss_chunk_tokens or auto_loss_chunk_tokens(_vocab(net))
     return {"gradient_checkpointing": bool(gc), "estimated_activation_bytes": act, "training_state_bytes": state,
             "attn_implementation": net.config._attn_implementation, "loss_chunk_tokens": chunk}
+
+
+def _tie_scale(net, model_dir: str, dtype: torch.dtype) -> float | None:
+    """The residual scale if the checkpoint's embedding is its head in that scale (a converted tied source), else None."""
+    candidates = [1.0]
+    path = os.path.join(model_dir, "mha2mla.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                scale = (json.load(f).get("plan") or {}).get("residual_scale")
+        except (OSError, ValueError, AttributeError):  # an unreadable record: only an unscaled tie is recognised
+            scale = None
+        if isinstance(scale, (int, float)) and scale > 0:
+            candidates.insert(0, float(scale))
+    return tied_embedding_scale(net, candidates=tuple(candidates), dtype=dtype)
+
+
+def _tie(net, scale: float) -> list:
+    """Replace ``net``'s input embedding by its head times ``scale``; returns [embedding key, head key, scale]."""
+    emb, head = net.get_input_embeddings(), net.get_output_embeddings()
+    names = {id(m): n for n, m in net.named_modules()}
+    net.set_input_embeddings(ScaledHeadEmbedding(head, scale, padding_idx=emb.padding_idx))
+    return [f"{names[id(emb)]}.weight", f"{names[id(head)]}.weight", scale]
 
 
 def _load_tokenizer(path: str, what: str):
@@ -362,6 +385,13 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
 
     scales = state["latent_scales"] if state else (measure_latent_scales(net) if rc.latent_rescale else {})
     to_training_form(net, scales)
+    if state:  # [embedding key, head key, scale] or None, as the run being resumed had it
+        tie_scale = state["tied_embedding"][-1] if state.get("tied_embedding") else None
+    else:  # not under FSDP, whose sharded head the embedding's lookup cannot read (FSDP runs are for large, untied models)
+        tie = rc.tie_embeddings and acc.distributed_type.value != "FSDP"
+        tie_scale = _tie_scale(net, model_dir, save_dtype) if tie else None
+    tied = None if tie_scale is None else _tie(net, tie_scale)
+    plan["tied_embedding"] = tied
     if not select_trainable(net, train=rc.train, freeze_latent_norm=rc.freeze_latent_norm):
         raise Mha2mlaError(f"train: {rc.train!r} selects no parameters of {model_dir!r}")
     use_cache = net.config.use_cache
@@ -397,7 +427,7 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
 
     def trainer_state() -> dict:
         return {"step": step, "data_position": step * ga, "tokens": step * rows_per_step * rc.seq_len, "history": hist,
-                "latent_scales": scales, "step0_converted_loss": step0_converted, "recipe": rc.to_dict(),
+                "latent_scales": scales, "tied_embedding": tied, "step0_converted_loss": step0_converted, "recipe": rc.to_dict(),
                 "model": model_dir, "num_processes": procs, "scheduler": scheduler.state_dict(),
                 "resumed_from": resumed_from}
 
@@ -471,7 +501,11 @@ def _run(acc, rc: HealRecipe, *, model_dir: str, output: str, ckpt: str | None, 
             unwrapped.set_attn_implementation("sdpa")
         unwrapped.config.use_cache = use_cache
         r = getattr(unwrapped.config, "kv_lora_rank", None) or 0
-        stock = _cast(to_stock_state_dict(full, scales, r), save_dtype)
+        stock = _cast(to_stock_state_dict(full, scales, r, tied=tied), save_dtype)
+        if tied is not None:  # the stock embedding module again, for save_pretrained
+            emb = torch.nn.Embedding.from_pretrained(stock[tied[0]], freeze=True,
+                                                     padding_idx=unwrapped.get_input_embeddings().padding_idx)
+            unwrapped.set_input_embeddings(emb)
         finish_output(output, lambda tmp: _write_final(tmp, unwrapped, stock, save_dtype, tokenizer, model_dir, record),
                       keep_checkpoints=rc.keep_checkpoints_at_end)
         logger.info("wrote %s", output)

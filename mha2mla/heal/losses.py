@@ -40,6 +40,8 @@ __all__ = [
     "measure_latent_scales",
     "to_training_form",
     "to_stock_state_dict",
+    "tied_embedding_scale",
+    "ScaledHeadEmbedding",
     "select_trainable",
     "causal_lm_loss",
     "chunked_lm_loss",
@@ -100,9 +102,14 @@ def to_training_form(model: torch.nn.Module, scales: dict[str, float]) -> None:
         attn.kv_a_layernorm.variance_epsilon = attn.kv_a_layernorm.variance_epsilon / (s * s)
 
 
-def to_stock_state_dict(state_dict: dict[str, torch.Tensor], scales: dict[str, float], kv_lora_rank: int) -> dict:
-    """A copy of a training-form state dict with the latent rows multiplied back by s (the stock checkpoint form)."""
+def to_stock_state_dict(state_dict: dict[str, torch.Tensor], scales: dict[str, float], kv_lora_rank: int, *,
+                        tied: tuple[str, str, float] | None = None) -> dict:
+    """A copy of a training-form state dict in the stock checkpoint form: the latent rows multiplied back by s, and
+    for ``tied = (embedding key, head key, scale)`` the input embedding written out as the head times the scale."""
     out = dict(state_dict)
+    if tied is not None:
+        embed_key, head_key, scale = tied
+        out[embed_key] = out[head_key] * scale
     for name, s in scales.items():
         if s == 1.0:
             continue
@@ -113,6 +120,45 @@ def to_stock_state_dict(state_dict: dict[str, torch.Tensor], scales: dict[str, f
                 t[:kv_lora_rank] *= s
                 out[key] = t
     return out
+
+
+def tied_embedding_scale(model: torch.nn.Module, *, candidates: tuple[float, ...], dtype: torch.dtype) -> float | None:
+    """The s for which the input embedding is the output head times s, rounded to ``dtype``; None if no candidate is.
+
+    A converted checkpoint of a tied source (SmolLM2, Llama-3.2-1B, Qwen2.5-0.5B…) stores the embedding in the
+    residual scale and the head untied (engines never tie DeepSeek's head): one table written twice. ``dtype`` is the
+    checkpoint's, so that a bfloat16 checkpoint loaded in float32 is recognised too.
+    """
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if (not isinstance(emb, torch.nn.Embedding) or not isinstance(head, torch.nn.Linear) or head.bias is not None
+            or emb.weight is head.weight or emb.weight.shape != head.weight.shape):
+        return None
+    with torch.no_grad():
+        stored = emb.weight.to(dtype)
+        for s in candidates:
+            if torch.equal((head.weight * s).to(dtype), stored):
+                return float(s)
+    return None
+
+
+class ScaledHeadEmbedding(torch.nn.Module):
+    """The input embedding as the output head's weight times ``scale``: a tied source's one table, trained once.
+
+    The head is referenced, not registered, so the table is one parameter (the head's), with one gradient and one
+    pair of AdamW moments; ``padding_idx`` keeps the replaced embedding's (that row gets no gradient from the input).
+    """
+
+    def __init__(self, head: torch.nn.Linear, scale: float, *, padding_idx: int | None = None):
+        super().__init__()
+        self.__dict__["head"] = head
+        self.scale = float(scale)
+        self.padding_idx = padding_idx
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.head.weight, self.padding_idx) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"head.weight × {self.scale}"
 
 
 def select_trainable(model: torch.nn.Module, *, train: str, freeze_latent_norm: bool) -> list[str]:

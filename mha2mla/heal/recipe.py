@@ -62,6 +62,8 @@ class HealRecipe:
     # the latent RMSNorm made linear by the converter (see mha2mla/heal_ops.py)
     latent_rescale: bool = True  # train the tiny latent rows at a normal scale (exact reparametrisation)
     freeze_latent_norm: bool = False  # keep kv_a_layernorm.weight fixed
+    # a tied source's embedding and head (written twice by the converter) trained as one table; both are saved
+    tie_embeddings: bool = True
     # precision and memory
     dtype: str = "float32"  # weights and optimizer state: float32 | bfloat16
     mixed_precision: str = "no"  # no | bf16 (fp16 underflows the latent of converted checkpoints)

@@ -210,6 +210,32 @@ def test_heal_with_empty_data(mla, tmp_path):
     assert_user_error(r, f"data {str(empty)!r} is empty", out)
 
 
+def test_a_tied_source_heals_as_one_table_and_is_written_twice(mla, sources, tmp_path):
+    """``mla`` converts a tied source with a residual scale s: its embedding is s × its head. Healed tied, the step-0
+    loss is the converted model's, one table fewer is trained, and the output keeps embedding = s × head exactly."""
+    from safetensors.torch import load_file
+
+    scale = load_json(os.path.join(mla, "mha2mla.json"))["plan"]["residual_scale"]
+    assert scale != 1.0
+    runs = {}
+    for tie in (True, False):
+        out = tmp_path / f"tie-{tie}"
+        runs[tie] = heal(model=mla, output=out, data=sources["text"], max_steps=3, tie_embeddings=tie, **HEAL_FAST)
+        w = {}
+        for f in glob.glob(str(out / "*.safetensors")):
+            w.update(load_file(f))
+        runs[tie]["same_table"] = torch.equal(w["model.embed_tokens.weight"], w["lm_head.weight"] * scale)
+    tied, untied = runs[True], runs[False]
+    assert tied["memory"]["tied_embedding"] == ["model.embed_tokens.weight", "lm_head.weight", scale]
+    assert untied["memory"]["tied_embedding"] is None
+    vocab, hidden = frozen_model(mla).lm_head.weight.shape
+    assert untied["trainable_parameters"] - tied["trainable_parameters"] == vocab * hidden
+    assert tied["losses"][0] == pytest.approx(tied["step0"]["converted_loss"], abs=1e-6)
+    assert tied["losses"][0] == pytest.approx(untied["losses"][0], abs=1e-6)
+    assert tied["losses"][-1] < tied["losses"][0]
+    assert tied["same_table"] and not untied["same_table"]
+
+
 def test_heal_refusals(mla, sources, tmp_path):
     out = tmp_path / "healed"
     r = run_cli("heal", sources["src"], "--output", out, "--data", sources["text"], "-q")

@@ -31,15 +31,16 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
     text = root / "train.txt"
     text.write_text(" ".join(HEAL_SENTENCES * 40))
-    model = tiny_mla(root / "mla")
+    model = tiny_mla(root / "mla", tied_scale=0.3)  # a tied source's conversion: the one table is shared across processes
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the reference: one process, two micro-batches of one sequence per step
-        ref = heal(model=model, output=root / "single", data=str(text), max_steps=STEPS, micro_batch_size=1,
-                   gradient_accumulation_steps=2, **COMMON)
+        refs = {tie: heal(model=model, output=root / f"single-{tie}", data=str(text), max_steps=STEPS,
+                          micro_batch_size=1, gradient_accumulation_steps=2, tie_embeddings=tie, **COMMON)
+                for tie in (True, False)}
     finally:
         torch.set_num_threads(n)
-    return {"root": root, "model": model, "text": str(text), "ref": ref}
+    return {"root": root, "model": model, "text": str(text), "ref": refs[True], "ref_untied": refs[False]}
 
 
 def _free_port() -> int:
@@ -83,8 +84,10 @@ def _same_checkpoint(path, ref_path, atol: float) -> None:
 def test_ddp_two_processes_reproduce_one_with_accumulation(run, tmp_path):
     rec = _launch("cpu-ddp-2proc.yaml", run, tmp_path / "ddp", "--max-steps", STEPS)
     assert rec["num_processes"] == 2 and rec["tokens"] == run["ref"]["tokens"]
+    assert rec["memory"]["tied_embedding"] == run["ref"]["memory"]["tied_embedding"] == [
+        "model.embed_tokens.weight", "lm_head.weight", 0.3]
     assert rec["losses"] == pytest.approx(run["ref"]["losses"], abs=1e-5, rel=0)
-    _same_checkpoint(tmp_path / "ddp", run["root"] / "single", atol=1e-4)
+    _same_checkpoint(tmp_path / "ddp", run["root"] / "single-True", atol=1e-4)
 
 
 def test_fsdp_two_processes_reproduce_one_and_resume_from_sharded_checkpoints(run, tmp_path):
@@ -95,6 +98,7 @@ def test_fsdp_two_processes_reproduce_one_and_resume_from_sharded_checkpoints(ru
     assert any(n.startswith("pytorch_model_fsdp") for n in shards), shards  # saved sharded, not gathered
     rec = _launch("cpu-fsdp-2proc.yaml", run, out, "--max-steps", STEPS, "--save-every", 1, "--resume")
     assert rec["num_processes"] == 2 and rec["resumed_from"] == [STEPS // 2]
+    assert rec["memory"]["tied_embedding"] is None  # FSDP shards the head: the tie is DDP's and one process's
     assert rec["losses"][: STEPS // 2] == first["losses"]
-    assert rec["losses"] == pytest.approx(run["ref"]["losses"], abs=1e-4, rel=0)
-    _same_checkpoint(out, run["root"] / "single", atol=1e-4)
+    assert rec["losses"] == pytest.approx(run["ref_untied"]["losses"], abs=1e-4, rel=0)
+    _same_checkpoint(out, run["root"] / "single-False", atol=1e-4)

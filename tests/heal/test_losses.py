@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from mha2mla.heal.losses import (SDPA, activation_bytes, block_indices, causal_lm_loss, chunked_lm_loss,
-                                 measure_latent_scales, register_sdpa, split_head)
+from mha2mla.heal.losses import (SDPA, ScaledHeadEmbedding, activation_bytes, block_indices, causal_lm_loss,
+                                 chunked_lm_loss, measure_latent_scales, register_sdpa, split_head,
+                                 tied_embedding_scale, to_stock_state_dict)
 from tests.conftest import frozen_model, mla_config, random_mla
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,6 +118,51 @@ def test_latent_scale_is_measured_as_a_power_of_two(heal_assets):
     assert set(scales) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
     for s in scales.values():
         assert s == 2.0 ** round(math.log2(s)) and 2**-14 <= s <= 2**-10
+
+
+def _tied_copy(scale: float, dtype: torch.dtype):
+    """A random MLA whose embedding is its head times ``scale``, rounded to ``dtype`` (a converted tied source)."""
+    model = random_mla(0)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.lm_head.weight.to(dtype))
+        model.model.embed_tokens.weight.copy_((model.lm_head.weight * scale).to(dtype))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tied_source_is_recognised_by_its_scale(dtype):
+    s = math.sqrt(1e-6 / 1e-5)
+    model = _tied_copy(s, dtype)
+    assert tied_embedding_scale(model, candidates=(s, 1.0), dtype=dtype) == s
+    assert tied_embedding_scale(model, candidates=(1.0, s * 1.001), dtype=dtype) is None
+    assert tied_embedding_scale(random_mla(0), candidates=(s, 1.0), dtype=dtype) is None  # independent tables
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3, 5] += 1e-3  # one value off: not the same table
+    assert tied_embedding_scale(model, candidates=(s,), dtype=dtype) is None
+
+
+def test_tied_training_form_is_the_tied_source_exactly():
+    """Forward: the same embedding rows. Backward: the one table's gradient is the head's plus s times the embedding's
+    (the chain rule of embedding = s · head), which is the tied source's gradient. The stock form writes both back."""
+    s = math.sqrt(1e-6 / 1e-5)
+    ids = torch.randint(0, 53, (2, 9), generator=torch.Generator().manual_seed(4))
+    untied = _tied_copy(s, torch.float32)
+    untied(input_ids=ids, labels=ids).loss.backward()
+    want = untied.lm_head.weight.grad + s * untied.model.embed_tokens.weight.grad
+
+    tied = _tied_copy(s, torch.float32)
+    pad = tied.model.embed_tokens.padding_idx
+    tied.set_input_embeddings(ScaledHeadEmbedding(tied.lm_head, s, padding_idx=pad))
+    assert "model.embed_tokens.weight" not in dict(tied.named_parameters())
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert sum(p.numel() for p in tied.parameters()) == n_untied - tied.lm_head.weight.numel()
+    loss = tied(input_ids=ids, labels=ids).loss
+    with torch.no_grad():
+        assert float(loss) == float(untied(input_ids=ids, labels=ids).loss)
+    loss.backward()
+    assert torch.allclose(tied.lm_head.weight.grad, want, atol=1e-6, rtol=1e-5)
+    stock = to_stock_state_dict(tied.state_dict(), {}, 16, tied=("model.embed_tokens.weight", "lm_head.weight", s))
+    assert torch.equal(stock["model.embed_tokens.weight"], untied.model.embed_tokens.weight)
 
 
 def test_block_order_is_a_seeded_permutation_per_epoch():
